@@ -1,0 +1,32 @@
+# The two commands: `make up` (start the local stack) and `make test` (run every test).
+SHELL := /bin/bash
+VENV := .venv
+TP := $(VENV)/bin/tracepipe
+STAMP := $(VENV)/.bootstrapped
+
+.PHONY: up down status migrate test lint bootstrap
+
+$(STAMP): pyproject.toml requirements.lock scripts/bootstrap.sh
+	scripts/bootstrap.sh
+	touch $@
+
+bootstrap: $(STAMP)
+
+up: $(STAMP)  ## start the whole local stack in the background; prints the proxy URL
+	$(TP) up
+
+down: $(STAMP)  ## stop the local stack
+	$(TP) down
+
+status: $(STAMP)  ## each component's state, port and pid
+	$(TP) status
+
+migrate: $(STAMP)  ## apply pending migrations, then the API surface and policies
+	$(TP) migrate
+
+test: $(STAMP)  ## every test, against a throwaway stack of its own
+	$(VENV)/bin/pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy ext tracepipe

@@ -1,0 +1,37 @@
+-- app.actions: members of the suite read its actions; editors and owners change them.
+alter table app.actions enable row level security;
+alter table app.actions force row level security;
+
+drop policy if exists "members read their suites' actions" on app.actions;
+create policy "members read their suites' actions" on app.actions
+    for select to tp_user
+    using (suite_id = any ((select auth.suites_with('viewer'))::uuid[]));
+
+drop policy if exists "the pipeline and admins read every suite's actions" on app.actions;
+create policy "the pipeline and admins read every suite's actions" on app.actions
+    for select to tp_pipeline, tp_admin using (true);
+
+drop policy if exists "editors add actions to their suites" on app.actions;
+create policy "editors add actions to their suites" on app.actions
+    for insert to tp_user
+    with check (suite_id = any ((select auth.suites_with('editor'))::uuid[]));
+
+drop policy if exists "editors change their suites' actions" on app.actions;
+create policy "editors change their suites' actions" on app.actions
+    for update to tp_user
+    using (suite_id = any ((select auth.suites_with('viewer'))::uuid[]))
+    with check (suite_id = any ((select auth.suites_with('editor'))::uuid[]));
+
+drop policy if exists "members reach their suites' actions for deletion" on app.actions;
+create policy "members reach their suites' actions for deletion" on app.actions
+    for delete to tp_user
+    using (suite_id = any ((select auth.suites_with('viewer'))::uuid[]));
+
+drop policy if exists "admins change every suite's actions" on app.actions;
+create policy "admins change every suite's actions" on app.actions
+    for all to tp_admin using (true) with check (true);
+
+-- Only editors and owners delete: a viewer gets 403, not a silent 404.
+drop trigger if exists only_editors_delete on app.actions;
+create trigger only_editors_delete before delete on app.actions
+    for each row execute function app.guard_delete_by_suite_role('suite_id', 'editor');

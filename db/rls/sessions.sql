@@ -1,0 +1,36 @@
+-- app.sessions: uploaders own their sessions; members of the suite a session is tagged
+-- with read its metadata; the pipeline and admins read all.
+alter table app.sessions enable row level security;
+alter table app.sessions force row level security;
+
+drop policy if exists "uploaders and suite members read sessions" on app.sessions;
+create policy "uploaders and suite members read sessions" on app.sessions
+    for select to tp_user
+    using ((user_id = (select auth.uid()) and not (select auth.is_suite_scoped()))
+           or suite_id = any ((select auth.suites_with('viewer'))::uuid[]));
+
+drop policy if exists "the pipeline and admins read every session" on app.sessions;
+create policy "the pipeline and admins read every session" on app.sessions
+    for select to tp_pipeline, tp_admin using (true);
+
+drop policy if exists "people upload their own sessions" on app.sessions;
+create policy "people upload their own sessions" on app.sessions
+    for insert to tp_user, tp_admin
+    with check (user_id = (select auth.uid()) and (select auth.can_write())
+                and ((suite_id is null and not (select auth.is_suite_scoped()))
+                     or suite_id = any ((select auth.suites_with('viewer'))::uuid[])));
+
+drop policy if exists "uploaders annotate their sessions" on app.sessions;
+create policy "uploaders annotate their sessions" on app.sessions
+    for update to tp_user, tp_admin
+    using (user_id = (select auth.uid()))
+    with check (user_id = (select auth.uid()) and (select auth.can_write()));
+
+drop policy if exists "uploaders delete their sessions" on app.sessions;
+create policy "uploaders delete their sessions" on app.sessions
+    for delete to tp_user
+    using (user_id = (select auth.uid()) and (select auth.can_write()));
+
+drop policy if exists "admins delete every session" on app.sessions;
+create policy "admins delete every session" on app.sessions
+    for delete to tp_admin using (true);

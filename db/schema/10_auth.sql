@@ -1,0 +1,169 @@
+-- Claims helpers, policy helpers and the pre-request hook.
+-- Every permission decision reads the caller through these functions; policies call them
+-- as (select auth.fn(...)) so they run once per statement (an InitPlan), not once per row.
+
+-- The verified JWT claims of this request ('{}' when there are none).
+-- PostgREST and ext both set request.jwt.claims transaction-locally.
+create or replace function auth.claims() returns jsonb
+    language sql stable
+    set search_path = ''
+as $$
+    select coalesce(nullif(current_setting('request.jwt.claims', true), ''), '{}')::jsonb
+$$;
+comment on function auth.claims() is 'The request''s verified JWT claims as jsonb. Cost: one setting read.';
+grant execute on function auth.claims() to anon, tp_user, tp_pipeline, tp_admin, tp_auth, authenticator;
+
+-- The caller's user id (the sub claim).
+create or replace function auth.uid() returns uuid
+    language sql stable
+    set search_path = ''
+as $$
+    select nullif(auth.claims() ->> 'sub', '')::uuid
+$$;
+comment on function auth.uid() is 'The caller''s user id from the sub claim, or null. Cost: one setting read.';
+grant execute on function auth.uid() to anon, tp_user, tp_pipeline, tp_admin, tp_auth, authenticator;
+
+-- Whether the caller's token allows writes: API keys may be read-only.
+create or replace function auth.can_write() returns boolean
+    language sql stable
+    set search_path = ''
+as $$
+    select coalesce(auth.claims() ->> 'key_access', 'write') = 'write'
+$$;
+comment on function auth.can_write() is 'False for tokens of read-only API keys. Cost: one setting read.';
+grant execute on function auth.can_write() to tp_user, tp_pipeline, tp_admin;
+
+-- Whether the caller's token is limited to a list of suites (a suite-scoped API key).
+create or replace function auth.is_suite_scoped() returns boolean
+    language sql stable
+    set search_path = ''
+as $$
+    select coalesce(jsonb_typeof(auth.claims() -> 'key_suites') = 'array', false)
+$$;
+comment on function auth.is_suite_scoped() is 'True for tokens of API keys limited to some suites. Cost: one setting read.';
+grant execute on function auth.is_suite_scoped() to tp_user, tp_pipeline, tp_admin;
+
+-- Rank of a suite role, so roles compare: viewer 1 < editor 2 < owner 3.
+create or replace function auth.role_rank(role text) returns integer
+    language sql immutable
+    set search_path = ''
+as $$
+    select coalesce(array_position(array['viewer', 'editor', 'owner'], role), 0)
+$$;
+comment on function auth.role_rank(text) is 'viewer=1, editor=2, owner=3, anything else 0. Cost: constant.';
+grant execute on function auth.role_rank(text) to tp_user, tp_pipeline, tp_admin, tp_auth;
+
+-- The suites in which the caller holds at least min_role, after the token's narrowing
+-- (a read-only key acts as viewer; a suite-scoped key sees only its suites).
+-- SECURITY DEFINER: reads suite_members without recursing into its policies.
+-- VOLATILE on purpose: it must see the owner row the suites insert trigger wrote earlier
+-- in the same statement (a STABLE function would use the statement's snapshot).
+create or replace function auth.suites_with(min_role text) returns uuid[]
+    language sql volatile security definer
+    set search_path = ''
+as $$
+    select coalesce(array_agg(m.suite_id), '{}'::uuid[])
+    from app.suite_members m
+    where m.user_id = auth.uid()
+      and auth.role_rank(case when auth.can_write() then m.role::text else 'viewer' end)
+          >= auth.role_rank(min_role)
+      and (not auth.is_suite_scoped()
+           or m.suite_id::text in (select jsonb_array_elements_text(auth.claims() -> 'key_suites')))
+$$;
+comment on function auth.suites_with(text) is
+    'Suite ids where the caller''s effective role >= min_role. Cost: one index scan of suite_members by user; call as (select auth.suites_with(...)).';
+grant execute on function auth.suites_with(text) to tp_user, tp_pipeline, tp_admin;
+
+-- Raise 403 (42501) unless the caller holds min_role in the suite. Used by the delete guards
+-- (db/rls/*.sql): DELETE policies only filter, so "visible but not allowed" needs a raise.
+create or replace function auth.require_suite_role(suite_id uuid, min_role text) returns void
+    language plpgsql volatile
+    set search_path = ''
+as $$
+begin
+    if not suite_id = any (auth.suites_with(min_role)) then
+        raise insufficient_privilege
+            using message = format('this needs the %s role in the suite', min_role),
+                  hint = 'Ask an owner of the suite for a higher role, or use a key with write access to it.';
+    end if;
+end
+$$;
+comment on function auth.require_suite_role(uuid, text) is 'Raises 42501 unless the caller holds min_role in the suite. Cost: one auth.suites_with call.';
+grant execute on function auth.require_suite_role(uuid, text) to tp_user, tp_pipeline, tp_admin;
+
+-- Answer 401 with the error body and a WWW-Authenticate header (PostgREST's PGRST sqlstate).
+create or replace function auth.reject(reason text) returns void
+    language plpgsql volatile
+    set search_path = ''
+as $$
+begin
+    raise sqlstate 'PGRST'
+        using message = json_build_object('code', 'TP401', 'message', 'invalid or revoked credentials',
+                                          'details', reason, 'hint', null)::text,
+              detail = json_build_object('status', 401,
+                                         'headers', json_build_object('WWW-Authenticate', 'Bearer error="invalid_token"'))::text;
+end
+$$;
+comment on function auth.reject(text) is 'Ends the request with 401 and the error body. Cost: constant.';
+grant execute on function auth.reject(text) to anon, tp_user, tp_pipeline, tp_admin, tp_auth, authenticator;
+
+-- PostgREST's pre-request hook (db-pre-request); ext calls it too after switching role.
+-- PostgREST has checked the signature and exp. This adds what PostgREST does not check:
+-- aud must be present (PostgREST accepts a token without aud), iss must match, the role
+-- must be one a token may carry and match the account, and the user, the API key or the
+-- login (refresh family) behind the token must not be disabled or revoked — so revocation
+-- works on the very next request, even for tokens already issued.
+create or replace function auth.check_request() returns void
+    language plpgsql stable security definer
+    set search_path = ''
+as $$
+declare
+    c jsonb := auth.claims();
+    claimed_role text := c ->> 'role';
+    caller app.users%rowtype;
+begin
+    if (c - 'role') = '{}'::jsonb and coalesce(claimed_role, 'anon') = 'anon' then
+        return;  -- anonymous: anon holds no privileges
+    end if;
+    if claimed_role is null or claimed_role not in ('tp_user', 'tp_pipeline', 'tp_admin') then
+        perform auth.reject('the token''s role is not one a token may carry');
+    end if;
+    if c ->> 'iss' is distinct from current_setting('tp.jwt_issuer', true) then
+        perform auth.reject('the token''s issuer is missing or not accepted');
+    end if;
+    if not coalesce(c -> 'aud' ? current_setting('tp.jwt_audience', true), false) then
+        perform auth.reject('the token''s audience is missing or not accepted');
+    end if;
+    if (c ->> 'sub') !~ '^[0-9a-fA-F-]{36}$' then
+        perform auth.reject('the token has no valid subject');
+    end if;
+    select * into caller from app.users u where u.id = (c ->> 'sub')::uuid;
+    if not found or caller.disabled_at is not null or caller.account_role::text <> claimed_role then
+        perform auth.reject('the account is unknown or disabled');
+    end if;
+    if c ? 'key_id' then
+        if (c ->> 'key_id') !~ '^[0-9a-fA-F-]{36}$' or not exists (
+            select from app.api_keys k
+            where k.id = (c ->> 'key_id')::uuid and k.user_id = caller.id
+              and k.revoked_at is null and (k.expires_at is null or k.expires_at > now())
+        ) then
+            perform auth.reject('the API key is revoked or expired');
+        end if;
+    elsif c ? 'sid' then
+        if (c ->> 'sid') !~ '^[0-9a-fA-F-]{36}$' or exists (
+            select from app.refresh_tokens t
+            where t.family_id = (c ->> 'sid')::uuid and t.revoked_at is not null
+        ) or not exists (
+            select from app.refresh_tokens t
+            where t.family_id = (c ->> 'sid')::uuid and t.user_id = caller.id
+        ) then
+            perform auth.reject('the login session has ended');
+        end if;
+    else
+        perform auth.reject('the token names neither a login session nor an API key');
+    end if;
+end
+$$;
+comment on function auth.check_request() is
+    'Pre-request hook: rejects tokens without aud/iss, with a role a token may not carry, or of a disabled user, revoked key or ended login. Cost: two primary-key lookups.';
+grant execute on function auth.check_request() to anon, tp_user, tp_pipeline, tp_admin, authenticator;

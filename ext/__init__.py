@@ -1,0 +1,1 @@
+"""ext: Tracepipe's small FastAPI service (identity, uploads, streams, health)."""

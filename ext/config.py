@@ -1,0 +1,49 @@
+"""ext's settings, one class, from TP_EXT_* variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PLACEHOLDER = "change-me"
+
+
+class ExtSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TP_EXT_", extra="ignore")
+
+    environment: str = Field("development", description="development or production")
+    database_url: str = Field(PLACEHOLDER, description="authenticator's connection URL")
+    db_pool_min: int = 1
+    db_pool_max: int = 10
+    db_connect_timeout_s: float = 3.0
+    db_pool_timeout_s: float = Field(5.0, description="wait for a pooled connection before answering 503")
+
+    jwt_keys_dir: Path = Field(Path("/run/tracepipe/jwt"), description="ES256 private keys <kid>.pem and jwks.json")
+    jwt_issuer: str = "tracepipe"
+    jwt_audience: str = "tracepipe"
+    access_token_ttl_s: int = 900
+    key_token_ttl_s: int = 3600
+    refresh_token_ttl_s: int = 30 * 24 * 3600
+    jwt_leeway_s: int = 5
+
+    password_min_length: int = 8
+    password_max_length: int = 1024
+
+    s3_endpoint: str = "http://127.0.0.1:18333"
+    s3_access_key: str = PLACEHOLDER
+    s3_secret_key: str = PLACEHOLDER
+    s3_region: str = "us-east-1"
+    s3_bucket: str = "tracepipe"
+
+    postgrest_url: str = Field("http://127.0.0.1:13001", description="PostgREST admin server, for /ready")
+    ready_timeout_s: float = 2.0
+
+    @model_validator(mode="after")
+    def _no_placeholders_in_production(self) -> ExtSettings:
+        if self.environment != "development":
+            for name in ("database_url", "s3_access_key", "s3_secret_key"):
+                if getattr(self, name) == PLACEHOLDER:
+                    raise ValueError(f"TP_EXT_{name.upper()} must be set outside development")
+        return self

@@ -1,0 +1,54 @@
+"""Database access as the caller, exactly like PostgREST: one transaction with the
+caller's role and claims set locally, the pre-request hook run first. RLS decides."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool
+
+from ext.config import ExtSettings
+from ext.errors import unauthorized
+
+
+def make_pool(settings: ExtSettings) -> AsyncConnectionPool:
+    return AsyncConnectionPool(
+        settings.database_url,
+        min_size=settings.db_pool_min,
+        max_size=settings.db_pool_max,
+        timeout=settings.db_pool_timeout_s,
+        kwargs={"connect_timeout": settings.db_connect_timeout_s, "application_name": "tracepipe-ext",
+                "row_factory": dict_row},
+        open=False,
+        check=AsyncConnectionPool.check_connection,
+    )
+
+
+@asynccontextmanager
+async def as_caller(pool: AsyncConnectionPool, claims: dict[str, Any],
+                    request_id: str | None = None) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+    """A transaction as the token's role with request.jwt.claims set; commits on success."""
+    async with pool.connection() as conn, conn.transaction():
+        try:
+            await conn.execute(
+                "select set_config('role', %s, true), set_config('request.jwt.claims', %s, true),"
+                " set_config('application_name', %s, true)",
+                [claims["role"], json.dumps(claims), f"tracepipe-ext {request_id or ''}".strip()],
+            )
+        except psycopg.errors.InsufficientPrivilege:
+            raise unauthorized("the token's role is not one a token may carry") from None
+        await conn.execute("select auth.check_request()")
+        yield conn
+
+
+@asynccontextmanager
+async def as_identity_service(pool: AsyncConnectionPool) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+    """A transaction as tp_auth, the role of ext's identity functions (no token carries it)."""
+    async with pool.connection() as conn, conn.transaction():
+        await conn.execute("set local role tp_auth")
+        yield conn

@@ -1,0 +1,43 @@
+"""ext's FastAPI application: clients and pools are created in the lifespan, not at import."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from ext import errors
+from ext.config import ExtSettings
+from ext.db import make_pool
+from ext.routers import api_keys, auth, health
+from ext.storage import make_client
+from ext.tokens import KeySet
+
+
+def create_app(settings: ExtSettings | None = None) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        s = settings or ExtSettings()
+        app.state.settings = s
+        app.state.keys = KeySet.load(s.jwt_keys_dir, s.jwt_issuer, s.jwt_audience, s.jwt_leeway_s)
+        app.state.s3 = make_client(s)
+        app.state.pool = make_pool(s)
+        await app.state.pool.open(wait=False)
+        try:
+            yield
+        finally:
+            await app.state.pool.close()
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    app = FastAPI(title="Tracepipe ext", version="0.1.0", lifespan=lifespan,
+                  description="Identity, uploads and streams of Tracepipe. Errors: {code, message, details, hint}.")
+    errors.install(app)
+    app.include_router(health.router)
+    app.include_router(auth.router)
+    app.include_router(api_keys.router)
+    return app
+
+
+app = create_app()

@@ -1,0 +1,36 @@
+"""POST /api-keys: create a key as the caller (api.create_api_key decides, with RLS)."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any, Literal
+from uuid import UUID
+
+from fastapi import APIRouter
+from pydantic import BaseModel, Field
+
+from ext.db import as_caller
+from ext.deps import CallerDep, PoolDep, RequestIdDep
+
+router = APIRouter(tags=["api-keys"])
+
+
+class NewKey(BaseModel):
+    name: str = Field(min_length=1, max_length=200)
+    suites: list[UUID] | None = None
+    access: Literal["read", "write"] = "write"
+    expires_at: datetime | None = None
+
+
+@router.post("/api-keys", status_code=201, summary="Create an API key; the secret is shown once")
+async def create_api_key(body: NewKey, caller: CallerDep, pool: PoolDep, rid: RequestIdDep) -> dict[str, Any]:
+    async with as_caller(pool, caller, rid) as conn:
+        cur = await conn.execute(
+            "select api.create_api_key(%s, %s, %s, %s) as key",
+            [body.name, body.suites, body.access, body.expires_at],
+        )
+        row = await cur.fetchone()
+    assert row is not None
+    key = row["key"]
+    return dict(key if isinstance(key, dict) else json.loads(key))

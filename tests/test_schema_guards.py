@@ -1,0 +1,93 @@
+"""Guards over the whole database: the pitfalls of DESIGN.md §4 cannot come back unnoticed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+
+REQUEST_ROLES = ("authenticator", "anon", "tp_user", "tp_pipeline", "tp_admin", "tp_auth")
+
+
+def test_every_table_has_rls_enabled_and_forced(su: psycopg.Connection[dict[str, Any]]) -> None:
+    rows = su.execute("""
+        select n.nspname || '.' || c.relname as name, c.relrowsecurity, c.relforcerowsecurity
+        from pg_class c join pg_namespace n on n.oid = c.relnamespace
+        where c.relkind in ('r', 'p') and n.nspname in ('app', 'api', 'auth', 'analytics')
+    """).fetchall()
+    assert len(rows) >= 11, rows
+    missing = [r["name"] for r in rows if not (r["relrowsecurity"] and r["relforcerowsecurity"])]
+    assert missing == []
+
+
+def test_every_exposed_view_is_security_invoker(su: psycopg.Connection[dict[str, Any]]) -> None:
+    rows = su.execute("""
+        select c.relname, coalesce(c.reloptions, '{}') as options
+        from pg_class c join pg_namespace n on n.oid = c.relnamespace
+        where c.relkind = 'v' and n.nspname = 'api'
+    """).fetchall()
+    assert len(rows) >= 10, rows
+    assert [r["relname"] for r in rows if "security_invoker=true" not in r["options"]] == []
+
+
+def test_no_table_in_the_exposed_schema(su: psycopg.Connection[dict[str, Any]]) -> None:
+    rows = su.execute("""
+        select c.relname from pg_class c join pg_namespace n on n.oid = c.relnamespace
+        where c.relkind in ('r', 'p', 'm', 'f') and n.nspname = 'api'
+    """).fetchall()
+    assert rows == []
+
+
+def test_security_definer_functions_pin_search_path_and_deny_public(su: psycopg.Connection[dict[str, Any]]) -> None:
+    rows = su.execute("""
+        select p.oid::regprocedure::text as name, p.proconfig,
+               has_function_privilege('public', p.oid, 'execute') as public_exec
+        from pg_proc p join pg_namespace n on n.oid = p.pronamespace
+        where p.prosecdef and n.nspname in ('app', 'api', 'auth', 'analytics')
+    """).fetchall()
+    assert rows, "expected SECURITY DEFINER helpers"
+    unpinned = [r["name"] for r in rows if not any(c.startswith("search_path=") for c in (r["proconfig"] or []))]
+    assert unpinned == []
+    public = [r["name"] for r in rows if r["public_exec"]]
+    assert public == []
+
+
+def test_no_function_of_ours_is_executable_by_public(su: psycopg.Connection[dict[str, Any]]) -> None:
+    rows = su.execute("""
+        select p.oid::regprocedure::text as name from pg_proc p join pg_namespace n on n.oid = p.pronamespace
+        where n.nspname in ('app', 'api', 'auth') and has_function_privilege('public', p.oid, 'execute')
+    """).fetchall()
+    assert rows == []
+
+
+def test_request_path_roles_are_neither_superuser_nor_owner(su: psycopg.Connection[dict[str, Any]]) -> None:
+    roles = su.execute("select rolname, rolsuper, rolbypassrls from pg_roles where rolname = any(%s)",
+                       [list(REQUEST_ROLES)]).fetchall()
+    assert len(roles) == len(REQUEST_ROLES)
+    assert [r["rolname"] for r in roles if r["rolsuper"] or r["rolbypassrls"]] == []
+    owners = su.execute("""
+        select distinct pg_get_userbyid(c.relowner) as owner from pg_class c
+        join pg_namespace n on n.oid = c.relnamespace where n.nspname in ('app', 'api', 'auth')
+    """).fetchall()
+    assert {r["owner"] for r in owners} == {"tp_owner"}
+    member_of_owner = su.execute(
+        "select r.rolname from pg_roles r where r.rolname = any(%s) and pg_has_role(r.oid, 'tp_owner', 'member')",
+        [list(REQUEST_ROLES)]).fetchall()
+    assert member_of_owner == []
+
+
+def test_authenticator_cannot_become_owner_or_analyst(su: psycopg.Connection[dict[str, Any]]) -> None:
+    for target in ("tp_owner", "tp_analyst", "postgres"):
+        row = su.execute("select pg_has_role('authenticator', %s, 'member') as m", [target]).fetchone()
+        assert row is not None and row["m"] is False, target
+
+
+def test_every_request_role_has_a_statement_timeout(su: psycopg.Connection[dict[str, Any]]) -> None:
+    rows = su.execute("""
+        select r.rolname, s.setconfig from pg_roles r
+        left join pg_db_role_setting s on s.setrole = r.oid and s.setdatabase = 0
+        where r.rolname = any(%s)
+    """, [["anon", "tp_user", "tp_pipeline", "tp_admin", "tp_analyst"]]).fetchall()
+    assert len(rows) == 5
+    for r in rows:
+        assert any(c.startswith("statement_timeout=") for c in (r["setconfig"] or [])), r

@@ -1,0 +1,1 @@
+"""Tracepipe: the local stack, its migrate command and the operator CLI."""

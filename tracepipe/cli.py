@@ -7,7 +7,12 @@ operation, 2 for wrong usage (argparse).
 from __future__ import annotations
 
 import argparse
+import getpass
+import os
+import signal
 import sys
+
+import psycopg
 
 from tracepipe import credentials, migrate
 from tracepipe.settings import StackSettings
@@ -54,6 +59,51 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rotate_jwt_key(_: argparse.Namespace) -> int:
+    stack = _stack()
+    kid = credentials.add_signing_key(stack.state)
+    pid = stack.pid_of("postgrest")
+    if pid is not None:
+        os.kill(pid, signal.SIGUSR2)  # PostgREST re-reads its config, the JWKS file included
+    print(f"new signing key {kid}; older keys stay valid until their tokens expire "
+          f"(ext signs with the new key within 10 s)")
+    return 0
+
+
+def cmd_user_create(args: argparse.Namespace) -> int:
+    from argon2 import PasswordHasher
+
+    stack = _stack()
+    secrets = credentials.load_or_create(stack.state)
+    password = args.password or getpass.getpass("password: ")
+    try:
+        with psycopg.connect(stack.owner_url(secrets)) as conn:
+            row = conn.execute(
+                "insert into app.users (email, display_name, password_hash, account_role) values (%s, %s, %s, %s)"
+                " returning id", [args.email, args.display_name, PasswordHasher().hash(password), ROLES[args.role]],
+            ).fetchone()
+    except psycopg.errors.UniqueViolation:
+        raise StackError(f"an account with email {args.email} already exists") from None
+    assert row is not None
+    print(row[0])
+    return 0
+
+
+def cmd_user_disable(args: argparse.Namespace) -> int:
+    stack = _stack()
+    secrets = credentials.load_or_create(stack.state)
+    with psycopg.connect(stack.owner_url(secrets)) as conn:
+        cur = conn.execute("update app.users set disabled_at = case when %s then null else now() end"
+                           " where lower(email) = lower(%s)", [args.enable, args.email])
+    if cur.rowcount != 1:
+        raise StackError(f"no account with email {args.email}")
+    print(f"{args.email} {'enabled' if args.enable else 'disabled'}; its tokens stop at the next request")
+    return 0
+
+
+ROLES = {"user": "tp_user", "pipeline": "tp_pipeline", "admin": "tp_admin"}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tracepipe", description="Run and operate the Tracepipe stack.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -69,6 +119,21 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--count", type=int, default=1, help="how many of the newest migrations (default 1)")
     group.add_argument("--all", action="store_true", help="all applied migrations")
     rb.set_defaults(func=cmd_rollback)
+    sub.add_parser("rotate-jwt-key", help="add a new ES256 signing key; tokens of older keys stay valid until exp"
+                   ).set_defaults(func=cmd_rotate_jwt_key)
+    user = sub.add_parser("user", help="manage accounts (operators)")
+    user_sub = user.add_subparsers(dest="user_command", required=True, metavar="ACTION")
+    create = user_sub.add_parser("create", help="create an account; prints its id")
+    create.add_argument("email")
+    create.add_argument("--role", choices=sorted(ROLES), default="user",
+                        help="user (a person), pipeline (the Session-to-Example pipeline) or admin")
+    create.add_argument("--display-name", default=None)
+    create.add_argument("--password", default=None, help="asked for when omitted")
+    create.set_defaults(func=cmd_user_create)
+    disable = user_sub.add_parser("disable", help="disable an account: its tokens stop at the next request")
+    disable.add_argument("email")
+    disable.add_argument("--enable", action="store_true", help="enable it again instead")
+    disable.set_defaults(func=cmd_user_disable)
     return parser
 
 
@@ -77,11 +142,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except (StackError, OSError) as e:
-        print(f"tracepipe: {e}", file=sys.stderr)
+        print(f"tracepipe: {_first_line(e)}", file=sys.stderr)
         return 1
     except Exception as e:  # one readable line, not a traceback
-        print(f"tracepipe: {type(e).__name__}: {e}", file=sys.stderr)
+        print(f"tracepipe: {type(e).__name__}: {_first_line(e)}", file=sys.stderr)
         return 1
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 if __name__ == "__main__":

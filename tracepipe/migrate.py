@@ -102,15 +102,14 @@ def drop_surface(owner_url: str) -> None:
 
 
 def apply_surface(owner_url: str) -> None:
-    with psycopg.connect(owner_url) as conn:
-        with conn.transaction():
-            conn.execute("select pg_advisory_xact_lock(%s)", [MIGRATION_LOCK])
-            for path in surface_files():
-                try:
-                    conn.execute(path.read_text())
-                except psycopg.Error as e:
-                    raise RuntimeError(f"{path.relative_to(REPO_ROOT)}: {e}") from e
-            conn.execute("notify pgrst, 'reload schema'")
+    with psycopg.connect(owner_url) as conn, conn.transaction():
+        conn.execute("select pg_advisory_xact_lock(%s)", [MIGRATION_LOCK])
+        for path in surface_files():
+            try:
+                conn.execute(path.read_text())
+            except psycopg.Error as e:
+                raise RuntimeError(f"{path.relative_to(REPO_ROOT)}: {e}") from e
+        conn.execute("notify pgrst, 'reload schema'")
 
 
 def migrate(owner_url: str) -> list[str]:

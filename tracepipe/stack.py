@@ -8,6 +8,7 @@ starts every component in the background, each with a pid file and a log under
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import hashlib
 import os
@@ -218,6 +219,10 @@ class Stack:
         return out
 
     # --- process helpers ------------------------------------------------------------------
+    def pid_of(self, name: str) -> int | None:
+        """The running component's pid, or None."""
+        return self._pid(name)
+
     def _pid(self, name: str) -> int | None:
         path = self.pg_data / "postmaster.pid" if name == "postgres" else self.pidfile(name)
         try:
@@ -242,18 +247,14 @@ class Stack:
         if pid is None:
             self.pidfile(name).unlink(missing_ok=True)
             return
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline and _alive(pid):
             time.sleep(0.1)
         if _alive(pid):
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         self.pidfile(name).unlink(missing_ok=True)
 
     # --- PostgreSQL ------------------------------------------------------------------------
@@ -466,7 +467,8 @@ class Stack:
         proxy = REPO_ROOT / "proxy"
         for snippet in (proxy / "tracepipe").glob("*.conf"):
             shutil.copyfile(snippet, conf_dir / snippet.name)
-        (conf_dir / "tracepipe.conf").write_text(render_template((proxy / "tracepipe.conf.template").read_text(), values))
+        server = render_template((proxy / "tracepipe.conf.template").read_text(), values)
+        (conf_dir / "tracepipe.conf").write_text(server)
         main = nginx_dir / "nginx.conf"
         main.write_text(render_template((proxy / "nginx.conf.template").read_text(), values))
         return main

@@ -4,7 +4,7 @@ VENV := .venv
 TP := $(VENV)/bin/tracepipe
 STAMP := $(VENV)/.bootstrapped
 
-.PHONY: up down status migrate test lint bootstrap
+.PHONY: up down status migrate test lint bootstrap analyst analyst-revoke analysts
 
 $(STAMP): pyproject.toml requirements.lock scripts/bootstrap.sh
 	scripts/bootstrap.sh
@@ -30,3 +30,14 @@ test: $(STAMP)  ## every test, against a throwaway stack of its own
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy ext tracepipe
+
+analyst: $(STAMP)  ## NAME=alice [SUITES=id1,id2]: an analyst login role; prints its connection URL last
+	@test -n "$(NAME)" || { echo "usage: make analyst NAME=alice [SUITES=id1,id2]" >&2; exit 2; }
+	$(TP) analyst create '$(NAME)' $(if $(SUITES),--suites '$(SUITES)')
+
+analyst-revoke: $(STAMP)  ## NAME=alice: drop an analyst's role, ending its open sessions
+	@test -n "$(NAME)" || { echo "usage: make analyst-revoke NAME=alice" >&2; exit 2; }
+	$(TP) analyst revoke '$(NAME)'
+
+analysts: $(STAMP)  ## list the analysts, their suites and open sessions
+	$(TP) analyst list

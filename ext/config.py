@@ -37,6 +37,20 @@ class ExtSettings(BaseSettings):
     s3_region: str = "us-east-1"
     s3_bucket: str = "tracepipe"
 
+    upload_part_bytes: int = Field(8 * 1024 * 1024, description="multipart part size (S3 minimum 5 MiB)")
+    stream_chunk_bytes: int = Field(1024 * 1024, description="chunk size of S3 reads and streamed responses")
+    max_bundle_bytes: int = Field(2 * 1024**3, description="largest session bundle accepted")
+    max_bundle_members: int = 20000
+    max_bundle_expanded_bytes: int = Field(8 * 1024**3, description="sum of members' uncompressed sizes")
+    max_compression_ratio: float = Field(200.0, description="uncompressed/compressed above which a member is a bomb")
+    max_manifest_bytes: int = 1024 * 1024
+    max_jsonl_line_bytes: int = 4 * 1024 * 1024
+    max_metadata_bytes: int = 64 * 1024
+    orphan_grace_s: int = Field(3600, description="objects without a row older than this are swept")
+    sweep_interval_s: int = Field(300, description="how often ext sweeps orphans and drains deletions")
+    cleanup_retry_s: int = Field(5, description="how often failed deletes/aborts are retried")
+    idempotency_ttl_s: int = 24 * 3600
+
     postgrest_url: str = Field("http://127.0.0.1:13001", description="PostgREST admin server, for /ready")
     ready_timeout_s: float = 2.0
 

@@ -9,6 +9,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from ext.config import ExtSettings
 from ext.errors import unauthorized
+from ext.storage import ObjectStore
 from ext.tokens import KeySet
 
 
@@ -25,6 +26,11 @@ def get_pool(request: Request) -> AsyncConnectionPool:
 def get_keys(request: Request) -> KeySet:
     keys: KeySet = request.app.state.keys
     return keys
+
+
+def get_store(request: Request) -> ObjectStore:
+    store: ObjectStore = request.app.state.store
+    return store
 
 
 def get_caller(request: Request, keys: Annotated[KeySet, Depends(get_keys)]) -> dict[str, Any]:
@@ -44,5 +50,6 @@ def request_id(request: Request) -> str | None:
 SettingsDep = Annotated[ExtSettings, Depends(get_settings)]
 PoolDep = Annotated[AsyncConnectionPool, Depends(get_pool)]
 KeysDep = Annotated[KeySet, Depends(get_keys)]
+StoreDep = Annotated[ObjectStore, Depends(get_store)]
 CallerDep = Annotated[dict[str, Any], Depends(get_caller)]
 RequestIdDep = Annotated[str | None, Depends(request_id)]

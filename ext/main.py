@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from ext import errors
+from ext import errors, maintenance
 from ext.config import ExtSettings
 from ext.db import make_pool
-from ext.routers import api_keys, auth, health
-from ext.storage import make_client
+from ext.routers import api_keys, auth, health, sessions
+from ext.storage import ObjectStore, make_client
 from ext.tokens import KeySet
 
 
@@ -23,11 +25,16 @@ def create_app(settings: ExtSettings | None = None) -> FastAPI:
         app.state.settings = s
         app.state.keys = KeySet.load(s.jwt_keys_dir, s.jwt_issuer, s.jwt_audience, s.jwt_leeway_s)
         app.state.s3 = make_client(s)
+        app.state.store = ObjectStore(app.state.s3, s)
         app.state.pool = make_pool(s)
         await app.state.pool.open(wait=False)
+        housekeeping = asyncio.create_task(maintenance.run_forever(app.state))
         try:
             yield
         finally:
+            housekeeping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await housekeeping
             await app.state.pool.close()
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
@@ -37,6 +44,7 @@ def create_app(settings: ExtSettings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(auth.router)
     app.include_router(api_keys.router)
+    app.include_router(sessions.router)
     return app
 
 

@@ -14,7 +14,7 @@ import sys
 
 import psycopg
 
-from tracepipe import credentials, migrate
+from tracepipe import analysts, credentials, migrate
 from tracepipe.settings import StackSettings
 from tracepipe.stack import Stack, StackError
 
@@ -134,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     disable.add_argument("email")
     disable.add_argument("--enable", action="store_true", help="enable it again instead")
     disable.set_defaults(func=cmd_user_disable)
+    analysts.register(sub)
     return parser
 
 

@@ -1,7 +1,8 @@
 """One migrate command: roles, then yoyo migrations, then the API surface and policies.
 
 1. `db/schema/*.superuser.sql` as a superuser (cluster roles; the only superuser step),
-   plus role passwords and per-role statement timeouts from the settings.
+   plus role passwords and per-role statement timeouts from the settings, and the guards of
+   every existing analyst login role (`tracepipe.analysts`).
 2. `db/migrations/` with yoyo as tp_owner, under yoyo's lock (each migration is its own
    transaction, as yoyo applies them).
 3. Every other `db/schema/*.sql`, then every `db/rls/*.sql`, as tp_owner in ONE
@@ -17,6 +18,7 @@ import psycopg
 from psycopg import sql
 from yoyo import get_backend, read_migrations
 
+from tracepipe import analysts
 from tracepipe.credentials import StackSecrets
 from tracepipe.settings import REPO_ROOT, StackSettings
 
@@ -59,6 +61,15 @@ def bootstrap(superuser_conninfo: str, settings: StackSettings, secrets: StackSe
         conn.execute(sql.SQL("grant connect on database {} to authenticator, tp_analyst").format(db))
         conn.execute(sql.SQL("alter database {} set tp.jwt_issuer = {}").format(db, settings.jwt_issuer))
         conn.execute(sql.SQL("alter database {} set tp.jwt_audience = {}").format(db, settings.jwt_audience))
+        # Logins reach the Tracepipe database only: PUBLIC keeps no CONNECT or TEMP on the
+        # cluster's maintenance databases (an analyst could otherwise create temp tables there).
+        for other in ("postgres", "template1"):
+            if other != settings.db_name:
+                conn.execute(sql.SQL("revoke connect, temporary on database {} from public")
+                             .format(sql.Identifier(other)))
+        # ALTER ROLE settings of the tp_analyst group do not reach its members: each analyst's
+        # login role carries its own, brought to the current settings here.
+        analysts.reapply_guards(conn, settings)
 
 
 def yoyo_url(owner_url: str) -> str:
@@ -88,12 +99,13 @@ def rollback_migrations(owner_url: str, count: int | None = None) -> list[str]:
 
 
 def drop_surface(owner_url: str) -> None:
-    """Drop the re-creatable API surface (schemas api and auth, and the trigger functions
+    """Drop the re-creatable API surface (schemas api, auth and analytics, and the trigger functions
     db/schema/ puts in app, with their triggers). Development and rollback only: a deploy
     re-applies the surface in place, never through this."""
     with psycopg.connect(owner_url) as conn:
         conn.execute("drop schema if exists api cascade")
         conn.execute("drop schema if exists auth cascade")
+        conn.execute("drop schema if exists analytics cascade")
         functions = conn.execute(
             "select p.oid::regprocedure::text from pg_proc p join pg_namespace n on n.oid = p.pronamespace"
             " where n.nspname = 'app'").fetchall()

@@ -59,6 +59,11 @@ class StackSettings(BaseSettings):
     statement_timeout_admin: str = "30s"
     statement_timeout_anon: str = "2s"
     statement_timeout_analyst: str = "30s"
+    analyst_work_mem: str = Field("32MB", description="work_mem of each analyst session (per sort/hash node)")
+    analyst_temp_file_limit: str = Field("1GB", description="temp_file_limit of each analyst session (disk spill)")
+    analyst_idle_in_transaction_timeout: str = Field(
+        "60s", description="idle_in_transaction_session_timeout of each analyst session")
+    analyst_connection_limit: int = Field(3, description="CONNECTION LIMIT of each analyst login role")
 
     ext_workers: int = 2
     max_api_body: str = Field("1m", description="nginx client_max_body_size for JSON API requests")

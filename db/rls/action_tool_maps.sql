@@ -35,3 +35,8 @@ create policy "admins change every suite's bindings" on app.action_tool_maps
 drop trigger if exists only_editors_delete on app.action_tool_maps;
 create trigger only_editors_delete before delete on app.action_tool_maps
     for each row execute function app.guard_delete_by_suite_role('suite_id', 'editor');
+
+drop policy if exists "analysts read the bindings of the suites they may read" on app.action_tool_maps;
+create policy "analysts read the bindings of the suites they may read" on app.action_tool_maps
+    for select to tp_analyst
+    using ((select auth.analyst_sees_all()) or suite_id = any ((select auth.analyst_suites())::uuid[]));

@@ -35,3 +35,8 @@ create policy "admins change every suite's actions" on app.actions
 drop trigger if exists only_editors_delete on app.actions;
 create trigger only_editors_delete before delete on app.actions
     for each row execute function app.guard_delete_by_suite_role('suite_id', 'editor');
+
+drop policy if exists "analysts read the actions of the suites they may read" on app.actions;
+create policy "analysts read the actions of the suites they may read" on app.actions
+    for select to tp_analyst
+    using ((select auth.analyst_sees_all()) or suite_id = any ((select auth.analyst_suites())::uuid[]));

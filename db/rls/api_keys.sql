@@ -20,3 +20,10 @@ create policy "people revoke their own keys" on app.api_keys
     for update to tp_user, tp_pipeline, tp_admin
     using (user_id = (select auth.uid()))
     with check (user_id = (select auth.uid()));
+
+drop policy if exists "analysts read the keys of the people they may read" on app.api_keys;
+create policy "analysts read the keys of the people they may read" on app.api_keys
+    for select to tp_analyst
+    using ((select auth.analyst_sees_all())
+           or user_id in (select m.user_id from app.suite_members m
+                          where m.suite_id = any ((select auth.analyst_suites())::uuid[])));

@@ -28,3 +28,8 @@ create policy "editors delete their suites' examples" on app.examples
 drop policy if exists "the pipeline and admins delete examples" on app.examples;
 create policy "the pipeline and admins delete examples" on app.examples
     for delete to tp_pipeline, tp_admin using (true);
+
+drop policy if exists "analysts read the examples of the suites they may read" on app.examples;
+create policy "analysts read the examples of the suites they may read" on app.examples
+    for select to tp_analyst
+    using ((select auth.analyst_sees_all()) or suite_id = any ((select auth.analyst_suites())::uuid[]));

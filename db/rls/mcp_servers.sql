@@ -31,3 +31,8 @@ create policy "admins manage the catalog" on app.mcp_servers
 drop trigger if exists only_creators_delete on app.mcp_servers;
 create trigger only_creators_delete before delete on app.mcp_servers
     for each row execute function app.guard_delete_by_catalog_creator('id');
+
+drop policy if exists "analysts read the catalog" on app.mcp_servers;
+create policy "analysts read the catalog" on app.mcp_servers
+    for select to tp_analyst
+    using (true);

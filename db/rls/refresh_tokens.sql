@@ -2,3 +2,4 @@
 -- identity functions (SECURITY DEFINER, db/schema/30_identity.sql) are the only way in.
 alter table app.refresh_tokens enable row level security;
 alter table app.refresh_tokens force row level security;
+-- Analysts included: no policy and no grant for tp_analyst (db/schema/40_analytics.sql).

@@ -35,3 +35,8 @@ create policy "admins manage every membership" on app.suite_members
 drop trigger if exists only_owners_remove on app.suite_members;
 create trigger only_owners_remove before delete on app.suite_members
     for each row execute function app.guard_delete_by_suite_role('suite_id', 'owner');
+
+drop policy if exists "analysts read the members of the suites they may read" on app.suite_members;
+create policy "analysts read the members of the suites they may read" on app.suite_members
+    for select to tp_analyst
+    using ((select auth.analyst_sees_all()) or suite_id = any ((select auth.analyst_suites())::uuid[]));

@@ -41,3 +41,8 @@ create policy "admins delete every suite" on app.suites
 drop trigger if exists only_owners_delete on app.suites;
 create trigger only_owners_delete before delete on app.suites
     for each row execute function app.guard_delete_by_suite_role('id', 'owner');
+
+drop policy if exists "analysts read the suites they may read" on app.suites;
+create policy "analysts read the suites they may read" on app.suites
+    for select to tp_analyst
+    using ((select auth.analyst_sees_all()) or id = any ((select auth.analyst_suites())::uuid[]));

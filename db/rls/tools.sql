@@ -30,3 +30,8 @@ create policy "admins manage every tool" on app.tools
 drop trigger if exists only_creators_delete on app.tools;
 create trigger only_creators_delete before delete on app.tools
     for each row execute function app.guard_delete_by_catalog_creator('mcp_server_id');
+
+drop policy if exists "analysts read the catalog's tools" on app.tools;
+create policy "analysts read the catalog's tools" on app.tools
+    for select to tp_analyst
+    using (true);

@@ -26,3 +26,10 @@ create policy "people edit their own profile" on app.users
 drop policy if exists "admins edit every profile" on app.users;
 create policy "admins edit every profile" on app.users
     for update to tp_admin using (true) with check (true);
+
+drop policy if exists "analysts read the people of the suites they may read" on app.users;
+create policy "analysts read the people of the suites they may read" on app.users
+    for select to tp_analyst
+    using ((select auth.analyst_sees_all())
+           or id in (select m.user_id from app.suite_members m
+                     where m.suite_id = any ((select auth.analyst_suites())::uuid[])));

@@ -74,6 +74,34 @@ comment on function auth.suites_with(text) is
     'Suite ids where the caller''s effective role >= min_role. Cost: one index scan of suite_members by user; call as (select auth.suites_with(...)).';
 grant execute on function auth.suites_with(text) to tp_user, tp_pipeline, tp_admin;
 
+-- Analysts (tp_analyst) hold a real SQL session and can SET request.jwt.claims to anything,
+-- so their policies never read claims: they key on current_user, the login role, through
+-- app.analysts. Neither helper is SECURITY DEFINER (that would make current_user the owner):
+-- an analyst reads its own app.analysts row under the policy in db/rls/analysts.sql. A role
+-- without a row (the bare group after SET ROLE tp_analyst, say) sees no suite's data.
+
+-- Whether the analyst of this session may read every suite.
+create or replace function auth.analyst_sees_all() returns boolean
+    language sql stable
+    set search_path = ''
+as $$
+    select coalesce((select a.suites is null from app.analysts a where a.role_name = current_user::text), false)
+$$;
+comment on function auth.analyst_sees_all() is
+    'True when the analyst (current_user) is not limited to some suites. Cost: one primary-key lookup; call as (select auth.analyst_sees_all()).';
+grant execute on function auth.analyst_sees_all() to tp_analyst;
+
+-- The suites the analyst of this session is limited to ('{}' when unlimited or unknown).
+create or replace function auth.analyst_suites() returns uuid[]
+    language sql stable
+    set search_path = ''
+as $$
+    select coalesce((select a.suites from app.analysts a where a.role_name = current_user::text), '{}'::uuid[])
+$$;
+comment on function auth.analyst_suites() is
+    'Suite ids the analyst (current_user) is limited to; empty when unlimited or not an analyst. Cost: one primary-key lookup; call as (select auth.analyst_suites()).';
+grant execute on function auth.analyst_suites() to tp_analyst;
+
 -- Raise 403 (42501) unless the caller holds min_role in the suite. Used by the delete guards
 -- (db/rls/*.sql): DELETE policies only filter, so "visible but not allowed" needs a raise.
 create or replace function auth.require_suite_role(suite_id uuid, min_role text) returns void

@@ -78,3 +78,19 @@ begin
 end
 $$;
 comment on function app.guard_delete_by_catalog_creator() is 'BEFORE DELETE: 42501 unless the caller created the MCP server.';
+
+-- TG_ARGV[0]: the column holding the row's owner. Only the owner (with a token that may
+-- write) deletes the row.
+create or replace function app.guard_delete_by_owner() returns trigger
+    language plpgsql
+    set search_path = ''
+as $$
+begin
+    if current_user = 'tp_user'
+       and not ((to_jsonb(old) ->> tg_argv[0])::uuid = auth.uid() and auth.can_write()) then
+        raise insufficient_privilege using message = 'only the uploader may delete this';
+    end if;
+    return old;
+end
+$$;
+comment on function app.guard_delete_by_owner() is 'BEFORE DELETE: 42501 unless the caller owns the row.';

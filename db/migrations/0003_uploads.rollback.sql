@@ -1,0 +1,2 @@
+drop table if exists app.object_deletions;
+drop table if exists app.idempotency_keys;

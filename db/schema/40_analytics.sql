@@ -1,0 +1,168 @@
+-- SQL access for analysts: the `analytics` schema.
+--
+-- Analysts connect with a login role of their own (`tracepipe analyst create`), member of
+-- the group tp_analyst, and read through these views. Every view is security_invoker, so
+-- the same RLS policies as the API decide which rows an analyst sees (the analyst policies
+-- in db/rls/*.sql: every suite, or only the suites app.analysts lists for that role); no
+-- view filters rows itself. Secrets are left out twice: the views never select them, and
+-- tp_analyst holds SELECT only on the non-secret columns of app.* (column privileges), so
+-- users.password_hash, api_keys.key_hash and all of app.refresh_tokens are refused even
+-- when queried directly. Timestamps are timestamptz; the per-day views count UTC days.
+--
+-- tp_analyst gets USAGE on analytics (these views), app (security_invoker views read the
+-- base tables as the analyst) and auth (the two analyst policy helpers), SELECT on the
+-- views and on the listed columns, and nothing else: no write, no CREATE anywhere, no TEMP
+-- (the database grants neither to PUBLIC), no other schema.
+
+create schema if not exists analytics;
+comment on schema analytics is
+    'Read-only views for analysts (tp_analyst). security_invoker: RLS on app.* decides the rows; secrets are never exposed.';
+revoke all on schema analytics from public;
+
+-- --- one view per data table, secret columns left out ------------------------------------------
+
+create or replace view analytics.users with (security_invoker = true) as
+    select u.id, u.email, u.display_name, u.account_role, u.disabled_at, u.created_at, u.updated_at
+    from app.users u;
+comment on view analytics.users is 'People and service accounts (never their password hashes).';
+
+create or replace view analytics.api_keys with (security_invoker = true) as
+    select k.id, k.user_id, k.name, k.prefix, k.suites, k.access, k.expires_at, k.last_used_at,
+           k.revoked_at, k.created_at
+    from app.api_keys k;
+comment on view analytics.api_keys is 'API keys, revoked ones included (never the secret or its hash).';
+
+create or replace view analytics.suites with (security_invoker = true) as
+    select s.id, s.name, s.slug, s.description, s.created_by, s.created_at, s.updated_at
+    from app.suites s;
+comment on view analytics.suites is 'Suites: every suite, or only those the analyst is limited to.';
+
+create or replace view analytics.suite_members with (security_invoker = true) as
+    select m.id, m.suite_id, m.user_id, m.role, m.created_at, m.updated_at
+    from app.suite_members m;
+comment on view analytics.suite_members is 'Suite memberships (viewer, editor, owner).';
+
+create or replace view analytics.actions with (security_invoker = true) as
+    select a.id, a.suite_id, a.name, a.description, a.input_schema, a.created_at, a.updated_at
+    from app.actions a;
+comment on view analytics.actions is 'Actions of the suites.';
+
+create or replace view analytics.mcp_servers with (security_invoker = true) as
+    select s.id, s.name, s.url, s.transport, s.description, s.created_by, s.created_at, s.updated_at
+    from app.mcp_servers s;
+comment on view analytics.mcp_servers is 'The shared MCP server catalog (every analyst reads all of it).';
+
+create or replace view analytics.tools with (security_invoker = true) as
+    select t.id, t.mcp_server_id, t.name, t.description, t.input_schema, t.created_at, t.updated_at
+    from app.tools t;
+comment on view analytics.tools is 'Tools of the MCP catalog (every analyst reads all of them).';
+
+create or replace view analytics.action_tool_maps with (security_invoker = true) as
+    select b.id, b.suite_id, b.action_id, b.mcp_server_id, b.tool_id, b.argument_mapping,
+           b.created_at, b.updated_at
+    from app.action_tool_maps b;
+comment on view analytics.action_tool_maps is 'Bindings of suites'' actions to MCP tools.';
+
+create or replace view analytics.sessions with (security_invoker = true) as
+    select s.id, s.user_id, s.suite_id, s.size_bytes, s.sha256, s.started_at, s.ended_at,
+           s.event_count, s.network_count, s.screenshot_count, s.files, s.metadata,
+           s.created_at, s.updated_at
+    from app.sessions s;
+comment on view analytics.sessions is
+    'Uploaded trace bundles (metadata). A suite-limited analyst sees the sessions tagged with its suites only.';
+
+create or replace view analytics.examples with (security_invoker = true) as
+    select e.id, e.session_id, e.suite_id, e.model, e.message_count, e.size_bytes, e.sha256,
+           e.metadata, e.created_at
+    from app.examples e;
+comment on view analytics.examples is 'Training examples (metadata; the JSONL lives in object storage).';
+
+-- --- convenience views -----------------------------------------------------------------------------
+
+create or replace view analytics.example_details with (security_invoker = true) as
+    select e.id, e.created_at, (e.created_at at time zone 'UTC')::date as day,
+           e.suite_id, s.slug as suite_slug, s.name as suite_name,
+           e.model, e.message_count, e.size_bytes,
+           e.session_id, ss.user_id as session_user_id, ss.started_at as session_started_at,
+           ss.ended_at as session_ended_at, ss.size_bytes as session_size_bytes
+    from app.examples e
+    join app.suites s on s.id = e.suite_id
+    left join app.sessions ss on ss.id = e.session_id;
+comment on view analytics.example_details is
+    'Examples joined with their suite and the session they came from (null when not visible or not from a session).';
+
+create or replace view analytics.examples_per_day with (security_invoker = true) as
+    select e.suite_id, s.slug as suite_slug, e.model, (e.created_at at time zone 'UTC')::date as day,
+           count(*) as examples, sum(e.message_count) as messages, sum(e.size_bytes) as bytes
+    from app.examples e
+    join app.suites s on s.id = e.suite_id
+    group by e.suite_id, s.slug, e.model, (e.created_at at time zone 'UTC')::date;
+comment on view analytics.examples_per_day is 'Example counts, messages and bytes per suite, model and UTC day.';
+
+create or replace view analytics.models with (security_invoker = true) as
+    select e.model, count(*) as examples, count(distinct e.suite_id) as suites,
+           sum(e.message_count) as messages, sum(e.size_bytes) as bytes,
+           min(e.created_at) as first_example_at, max(e.created_at) as last_example_at
+    from app.examples e
+    group by e.model;
+comment on view analytics.models is 'Every model with examples: how many, in how many suites, first and last seen.';
+
+create or replace view analytics.sessions_per_day with (security_invoker = true) as
+    select ss.suite_id, s.slug as suite_slug, (ss.created_at at time zone 'UTC')::date as day,
+           count(*) as sessions, sum(ss.size_bytes) as bytes, avg(ss.size_bytes)::bigint as avg_bytes,
+           max(ss.size_bytes) as max_bytes, sum(ss.event_count) as events,
+           sum(ss.network_count) as network_requests, sum(ss.screenshot_count) as screenshots,
+           count(distinct ss.user_id) as uploaders
+    from app.sessions ss
+    left join app.suites s on s.id = ss.suite_id
+    group by ss.suite_id, s.slug, (ss.created_at at time zone 'UTC')::date;
+comment on view analytics.sessions_per_day is
+    'Session counts and sizes (bytes, events, network requests, screenshots) per suite and UTC upload day; suite_id null for untagged sessions.';
+
+create or replace view analytics.suite_overview with (security_invoker = true) as
+    select s.id as suite_id, s.slug, s.name, s.created_at,
+           (select count(*) from app.suite_members m where m.suite_id = s.id) as members,
+           (select count(*) from app.actions a where a.suite_id = s.id) as actions,
+           (select count(*) from app.action_tool_maps b where b.suite_id = s.id) as bindings,
+           (select count(*) from app.sessions ss where ss.suite_id = s.id) as sessions,
+           (select coalesce(sum(ss.size_bytes), 0) from app.sessions ss where ss.suite_id = s.id) as session_bytes,
+           (select count(*) from app.examples e where e.suite_id = s.id) as examples,
+           (select max(e.created_at) from app.examples e where e.suite_id = s.id) as last_example_at
+    from app.suites s;
+comment on view analytics.suite_overview is 'One row per suite: members, actions, bindings, sessions (and their bytes), examples.';
+
+create or replace view analytics.my_access with (security_invoker = true) as
+    select a.role_name, a.suites is null as all_suites, a.suites, a.created_at
+    from app.analysts a;
+comment on view analytics.my_access is 'The connected analyst''s own entry: every suite, or the suites it is limited to.';
+
+-- --- privileges ------------------------------------------------------------------------------------
+
+grant usage on schema analytics, app, auth to tp_analyst;
+
+-- Column privileges on the base tables (security_invoker views read them as the analyst).
+-- Listed column by column, so a column a later migration adds stays hidden until granted here.
+revoke all on app.users, app.api_keys, app.refresh_tokens, app.suites, app.suite_members, app.actions,
+    app.mcp_servers, app.tools, app.action_tool_maps, app.sessions, app.examples, app.analysts
+    from tp_analyst;
+grant select (id, email, display_name, account_role, disabled_at, created_at, updated_at)
+    on app.users to tp_analyst;
+grant select (id, user_id, name, prefix, suites, access, expires_at, last_used_at, revoked_at, created_at)
+    on app.api_keys to tp_analyst;
+grant select (id, name, slug, description, created_by, created_at, updated_at) on app.suites to tp_analyst;
+grant select (id, suite_id, user_id, role, created_at, updated_at) on app.suite_members to tp_analyst;
+grant select (id, suite_id, name, description, input_schema, created_at, updated_at) on app.actions to tp_analyst;
+grant select (id, name, url, transport, description, created_by, created_at, updated_at)
+    on app.mcp_servers to tp_analyst;
+grant select (id, mcp_server_id, name, description, input_schema, created_at, updated_at) on app.tools to tp_analyst;
+grant select (id, suite_id, action_id, mcp_server_id, tool_id, argument_mapping, created_at, updated_at)
+    on app.action_tool_maps to tp_analyst;
+grant select (id, user_id, suite_id, size_bytes, sha256, started_at, ended_at, event_count, network_count,
+              screenshot_count, files, metadata, created_at, updated_at)
+    on app.sessions to tp_analyst;
+grant select (id, session_id, suite_id, model, message_count, size_bytes, sha256, metadata, created_at)
+    on app.examples to tp_analyst;
+grant select (role_name, suites, created_at) on app.analysts to tp_analyst;
+
+revoke all on all tables in schema analytics from public, tp_analyst;
+grant select on all tables in schema analytics to tp_analyst;

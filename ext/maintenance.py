@@ -1,0 +1,87 @@
+"""Housekeeping that keeps object storage and the database in step: drain the outbox of
+object deletions, abort stale multipart uploads, remove objects without a row (older than
+a grace period), retry failed cleanups, expire idempotency records. Runs periodically in
+ext (one worker at a time, by advisory lock) and on demand (`tracepipe sweep`)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from datetime import timedelta
+from typing import Any
+from uuid import UUID
+
+from psycopg_pool import AsyncConnectionPool
+
+from ext.config import ExtSettings
+from ext.db import as_identity_service
+from ext.storage import ObjectStore
+
+log = logging.getLogger("ext.maintenance")
+SWEEP_LOCK = 7_340_002
+
+
+async def drain_deletions(pool: AsyncConnectionPool, store: ObjectStore, batch: int = 500) -> int:
+    async with as_identity_service(pool) as conn:
+        cur = await conn.execute("select auth.pending_object_deletions(%s) as prefix", [batch])
+        prefixes = [r["prefix"] for r in await cur.fetchall()]
+    done = 0
+    for prefix in prefixes:
+        before = store.pending_cleanups
+        await store.delete_prefix(prefix)
+        if store.pending_cleanups == before:
+            async with as_identity_service(pool) as conn:
+                await conn.execute("select auth.finish_object_deletion(%s)", [prefix])
+            done += 1
+    return done
+
+
+async def sweep(pool: AsyncConnectionPool, store: ObjectStore, settings: ExtSettings,
+                grace: timedelta | None = None) -> dict[str, int]:
+    async def known(prefix: str, ids: list[str]) -> set[str]:
+        valid = []
+        for i in ids:
+            with contextlib.suppress(ValueError):
+                valid.append(UUID(i))
+        async with as_identity_service(pool) as conn:
+            cur = await conn.execute("select auth.existing_objects(%s, %s) as id", [prefix.rstrip("/"), valid])
+            return {str(r["id"]) for r in await cur.fetchall()}
+
+    report: dict[str, int] = {"deletions_done": await drain_deletions(pool, store)}
+    age = grace if grace is not None else timedelta(seconds=settings.orphan_grace_s)
+    report |= await store.sweep(("sessions/", "examples/"), age, known)
+    async with as_identity_service(pool) as conn:
+        cur = await conn.execute("select auth.expire_idempotency_keys(%s) as n",
+                                 [timedelta(seconds=settings.idempotency_ttl_s)])
+        row = await cur.fetchone()
+    report["idempotency_expired"] = int(row["n"]) if row else 0
+    report["cleanups_retried"] = await store.retry_cleanups()
+    return report
+
+
+async def run_forever(app_state: Any) -> None:
+    """Background loop of one ext worker: cleanups often, the sweep now and then (only the
+    worker holding the advisory lock sweeps)."""
+    settings: ExtSettings = app_state.settings
+    waited = 0
+    while True:
+        await asyncio.sleep(settings.cleanup_retry_s)
+        waited += settings.cleanup_retry_s
+        try:
+            await app_state.store.retry_cleanups()
+            await drain_deletions(app_state.pool, app_state.store)
+            if waited >= settings.sweep_interval_s:
+                waited = 0
+                async with app_state.pool.connection() as conn:
+                    cur = await conn.execute("select pg_try_advisory_lock(%s) as locked", [SWEEP_LOCK])
+                    row = await cur.fetchone()
+                    if row and row["locked"]:
+                        try:
+                            log.info("sweep: %s", await sweep(app_state.pool, app_state.store, settings))
+                        finally:
+                            await conn.execute("select pg_advisory_unlock(%s)", [SWEEP_LOCK])
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # the next round tries again; a dependency may be down
+            log.warning("maintenance round failed: %s", e)

@@ -1,0 +1,246 @@
+"""Session bundles: upload (POST /sessions), download (GET /sessions/{id}/bundle), one
+member (GET /sessions/{id}/files/{path}), delete (DELETE /sessions/{id}).
+
+Upload is all-or-nothing: the body streams to `sessions/{id}/bundle.zip`, the stored
+archive is validated in place, and only then is the row written, as the caller (RLS
+decides, e.g. whether the caller may tag the session with a suite). Any failure removes
+the object or aborts the multipart upload. Reads check visibility as the caller first.
+"""
+
+from __future__ import annotations
+
+import mimetypes
+import uuid
+import zipfile
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+import psycopg
+from fastapi import APIRouter, Header, Request, Response
+from fastapi.encoders import jsonable_encoder
+from fastapi.responses import JSONResponse, StreamingResponse
+from psycopg.types.json import Jsonb
+from starlette.concurrency import run_in_threadpool
+
+from ext import bundles
+from ext.db import as_caller
+from ext.deps import CallerDep, PoolDep, RequestIdDep, SettingsDep, StoreDep
+from ext.errors import ApiError
+from ext.maintenance import drain_deletions
+from ext.uploads import (
+    HashSink,
+    body_kind,
+    check_idempotency_key,
+    idempotent_result,
+    replay_or_conflict,
+    request_digest,
+    stream_body,
+)
+
+router = APIRouter(tags=["sessions"])
+
+ZIP_TYPES = ("application/zip", "application/x-zip-compressed")
+SESSION_COLUMNS = ("id, user_id, suite_id, size_bytes, sha256, started_at, ended_at, event_count, network_count,"
+                   " screenshot_count, files, metadata, created_at, updated_at")
+
+
+def not_found() -> ApiError:
+    return ApiError(404, "PGRST116", "not found", "the session does not exist or you may not see it")
+
+
+def bundle_key(session_id: str) -> str:
+    return f"sessions/{session_id}/bundle.zip"
+
+
+def _parse_id(value: str) -> str:
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise not_found() from None
+
+
+@router.post("/sessions", status_code=201, summary="Upload a trace bundle (zip); 201 with the session row",
+             openapi_extra={"requestBody": {"content": {
+                 "application/zip": {"schema": {"type": "string", "format": "binary"}},
+                 "multipart/form-data": {"schema": {"type": "object", "required": ["bundle"], "properties": {
+                     "bundle": {"type": "string", "format": "binary"},
+                     "metadata": {"type": "string", "description": "JSON object kept with the session"}}}}}}})
+async def upload_session(request: Request, caller: CallerDep, pool: PoolDep, settings: SettingsDep,
+                         store: StoreDep, rid: RequestIdDep,
+                         idempotency_key: Annotated[str | None, Header()] = None) -> Response:
+    kind = body_kind(request, ZIP_TYPES)
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > settings.max_bundle_bytes:
+        raise ApiError(413, "TP413", "body too large", f"the limit is {settings.max_bundle_bytes} bytes")
+    key = check_idempotency_key(idempotency_key)
+    async with as_caller(pool, caller, rid) as conn:  # refuse revoked tokens before reading the body
+        previous = await idempotent_result(conn, "sessions", key) if key else None
+
+    if previous is not None:  # a retry: digest the body, replay the first result or refuse
+        sink = HashSink(settings.max_bundle_bytes)
+        fields = await stream_body(request, kind, sink, "bundle", ("metadata",), settings.max_metadata_bytes)
+        digest = request_digest(sink.hexdigest(), fields.json_object("metadata"))
+        return JSONResponse(replay_or_conflict(previous, digest), status_code=201,
+                            headers={"Idempotent-Replayed": "true"})
+
+    session_id = str(uuid.uuid4())
+    upload = store.uploader(bundle_key(session_id), settings.max_bundle_bytes)
+    try:
+        fields = await stream_body(request, kind, upload, "bundle", ("metadata",), settings.max_metadata_bytes)
+        user_metadata = fields.json_object("metadata")
+        stored = await upload.finish()
+        limits = bundles.Limits(settings.max_bundle_members, settings.max_bundle_expanded_bytes,
+                                settings.max_compression_ratio, settings.max_manifest_bytes,
+                                settings.max_jsonl_line_bytes)
+        summary = await run_in_threadpool(bundles.validate, store.range_reader(stored.key, stored.size), limits)
+        manifest = summary.manifest
+        metadata = {**manifest.get("metadata", {}), **user_metadata, "client": manifest["client"],
+                    "format_version": manifest["format_version"]}
+        digest = request_digest(stored.sha256, user_metadata)
+        async with as_caller(pool, caller, rid) as conn:
+            try:
+                cur = await conn.execute(
+                    f"insert into app.sessions (id, user_id, suite_id, size_bytes, sha256, started_at, ended_at,"
+                    f" event_count, network_count, screenshot_count, files, metadata)"
+                    f" values (%s, auth.uid(), %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) returning {SESSION_COLUMNS}",
+                    [session_id, manifest.get("suite_id"), stored.size, stored.sha256, summary.started_at,
+                     summary.ended_at, summary.event_count, summary.network_count, summary.screenshot_count,
+                     Jsonb(summary.files), Jsonb(metadata)])
+            except psycopg.errors.InsufficientPrivilege:
+                raise ApiError(403, "42501", "you may not upload this session",
+                               "tagging a session with a suite needs membership of it, and the token must "
+                               "allow writes (and that suite, for a suite-scoped key)") from None
+            row = jsonable_encoder(await cur.fetchone())
+            if key:
+                try:
+                    async with conn.transaction():
+                        await conn.execute(
+                            "insert into app.idempotency_keys (user_id, scope, key, request_sha256, resource_id,"
+                            " response) values (auth.uid(), 'sessions', %s, %s, %s, %s)",
+                            [key, digest, session_id, Jsonb(row)])
+                except psycopg.errors.UniqueViolation:
+                    raise _ConcurrentRetry() from None
+    except _ConcurrentRetry:
+        await upload.abort()
+        async with as_caller(pool, caller, rid) as conn:
+            first = await idempotent_result(conn, "sessions", key or "")
+        assert first is not None
+        return JSONResponse(replay_or_conflict(first, digest), status_code=201,
+                            headers={"Idempotent-Replayed": "true"})
+    except BaseException:  # bad input, disconnect, store or database failure: leave nothing
+        await upload.abort()
+        raise
+    return JSONResponse(row, status_code=201, headers={"Location": f"/sessions/{session_id}"})
+
+
+class _ConcurrentRetry(Exception):
+    """Another request with the same Idempotency-Key committed first."""
+
+
+async def _visible_session(pool: PoolDep, caller: dict[str, Any], rid: str | None, session_id: str) -> dict[str, Any]:
+    async with as_caller(pool, caller, rid) as conn:
+        cur = await conn.execute("select id, sha256, size_bytes, files from api.sessions where id = %s",
+                                 [session_id])
+        row = await cur.fetchone()
+    if row is None:
+        raise not_found()
+    return dict(row)
+
+
+def _parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """(start, end) inclusive for a single satisfiable range, None for the whole object."""
+    if not header:
+        return None
+    unit, _, spec = header.partition("=")
+    if unit.strip().lower() != "bytes" or "," in spec:
+        return None  # multiple ranges: answer the whole object (allowed by RFC 9110)
+    first, _, last = spec.strip().partition("-")
+    try:
+        if first == "":
+            length = int(last)
+            if length <= 0:
+                raise ValueError
+            start, end = max(size - length, 0), size - 1
+        else:
+            start = int(first)
+            end = min(int(last), size - 1) if last else size - 1
+    except ValueError:
+        raise ApiError(416, "TP416", "invalid Range header", header, headers={"Content-Range": f"bytes */{size}"})\
+            from None
+    if start >= size or end < start:
+        raise ApiError(416, "TP416", "range not satisfiable", header, headers={"Content-Range": f"bytes */{size}"})
+    return start, end
+
+
+def stream_object(store: StoreDep, key: str, size: int, etag: str, media_type: str, range_header: str | None,
+                  if_none_match: str | None, extra_headers: dict[str, str] | None = None) -> Response:
+    """A stored object as an HTTP response: ETag, Content-Length, single Range, 304."""
+    headers = {"ETag": etag, "Accept-Ranges": "bytes", **(extra_headers or {})}
+    if if_none_match and etag in [t.strip() for t in if_none_match.split(",")]:
+        return Response(status_code=304, headers=headers)
+    byte_range = _parse_range(range_header, size)
+    if byte_range is None:
+        headers["Content-Length"] = str(size)
+        return StreamingResponse(store.stream(key), media_type=media_type, headers=headers)
+    start, end = byte_range
+    headers["Content-Length"] = str(end - start + 1)
+    headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+    return StreamingResponse(store.stream(key, start, end), status_code=206, media_type=media_type, headers=headers)
+
+
+@router.get("/sessions/{session_id}/bundle", summary="The stored bundle, byte-identical (Range, ETag)")
+async def download_bundle(session_id: str, caller: CallerDep, pool: PoolDep, store: StoreDep, rid: RequestIdDep,
+                          range_header: Annotated[str | None, Header(alias="range")] = None,
+                          if_none_match: Annotated[str | None, Header()] = None) -> Response:
+    sid = _parse_id(session_id)
+    row = await _visible_session(pool, caller, rid, sid)
+    return stream_object(store, bundle_key(sid), row["size_bytes"], f'"{row["sha256"]}"', "application/zip",
+                         range_header, if_none_match,
+                         {"Content-Disposition": f'attachment; filename="session-{sid}.zip"'})
+
+
+MEDIA_TYPES = {".jsonl": "application/jsonl", ".har": "application/json", ".json": "application/json",
+               ".webp": "image/webp"}
+
+
+@router.get("/sessions/{session_id}/files/{path:path}", summary="One member of the bundle (e.g. a screenshot)")
+async def download_member(session_id: str, path: str, caller: CallerDep, pool: PoolDep, store: StoreDep,
+                          rid: RequestIdDep) -> Response:
+    sid = _parse_id(session_id)
+    row = await _visible_session(pool, caller, rid, sid)
+    member = next((f for f in row["files"] if f["name"] == path), None)
+    if member is None:
+        raise ApiError(404, "TP404", "no such file in the bundle", path)
+    suffix = "." + path.rsplit(".", 1)[-1].lower() if "." in path else ""
+    media_type = MEDIA_TYPES.get(suffix) or mimetypes.guess_type(path)[0] or "application/octet-stream"
+    reader = store.range_reader(bundle_key(sid), row["size_bytes"])
+    chunk = store.chunk
+
+    def open_member() -> Any:
+        return zipfile.ZipFile(reader).open(path)
+
+    handle = await run_in_threadpool(open_member)
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            while data := await run_in_threadpool(handle.read, chunk):
+                yield data
+        finally:
+            handle.close()
+
+    return StreamingResponse(body(), media_type=media_type,
+                             headers={"Content-Length": str(member["size"]), "ETag": f'"{member["crc"]}"'})
+
+
+@router.delete("/sessions/{session_id}", summary="Delete a session (its uploader): the row, then its objects")
+async def delete_session(session_id: str, caller: CallerDep, pool: PoolDep, store: StoreDep,
+                         rid: RequestIdDep) -> JSONResponse:
+    sid = _parse_id(session_id)
+    async with as_caller(pool, caller, rid) as conn:
+        cur = await conn.execute(f"delete from app.sessions where id = %s returning {SESSION_COLUMNS}", [sid])
+        row = await cur.fetchone()
+    if row is None:
+        raise not_found()
+    # The delete queued sessions/{id}/ (and its examples' prefixes) in app.object_deletions.
+    await drain_deletions(pool, store)
+    return JSONResponse(jsonable_encoder(row))

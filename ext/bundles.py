@@ -14,6 +14,7 @@ import io
 import json
 import re
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import lru_cache
@@ -103,7 +104,7 @@ def validate(archive: IO[bytes] | io.RawIOBase, limits: Limits) -> BundleSummary
         total = 0
         files: list[dict[str, Any]] = []
         for info in infos:
-            _check_name(info.filename)
+            _check_name(info.orig_filename)  # as stored: zipfile cuts `filename` at the first NUL
             if info.filename in seen:
                 raise invalid("duplicate member in the bundle", info.filename)
             seen.add(info.filename)
@@ -127,21 +128,32 @@ def validate(archive: IO[bytes] | io.RawIOBase, limits: Limits) -> BundleSummary
             raise invalid("manifest.json is missing", "manifest.json")
         if "events.jsonl" not in seen:
             raise invalid("events.jsonl is missing", "events.jsonl")
-        manifest = _read_manifest(zf, limits)
-        summary = BundleSummary(manifest, _parse_time(manifest["started_at"]), _parse_time(manifest["ended_at"]),
-                                files=files)
-        if summary.ended_at < summary.started_at:
-            raise invalid("manifest: ended_at is before started_at", "ended_at")
-        summary.event_count = _count_jsonl(zf, "events.jsonl", limits, require=("t", "type"))
-        if "network.jsonl" in seen:
-            summary.network_count = _count_jsonl(zf, "network.jsonl", limits, require=())
-        if "network.har" in seen:
-            summary.network_count += _count_har(zf)
-        for f in files:
-            if SCREENSHOT.match(f["name"]):
-                _check_image(zf, f["name"])
-                summary.screenshot_count += 1
-        return summary
+        try:
+            return _read_members(zf, seen, files, limits)
+        except (zipfile.BadZipFile, zlib.error, EOFError) as e:  # bad CRC, broken deflate stream, lying sizes
+            raise invalid("the zip archive is corrupt", str(e), 400, "TP400") from None
+        except NotImplementedError as e:  # compression methods zipfile cannot read
+            raise invalid("unsupported zip member", str(e)) from None
+
+
+def _read_members(zf: zipfile.ZipFile, seen: set[str], files: list[dict[str, Any]], limits: Limits) -> BundleSummary:
+    """Reads the members that say what the session holds (through size caps); zipfile
+    errors propagate to `validate`, which answers 400."""
+    manifest = _read_manifest(zf, limits)
+    summary = BundleSummary(manifest, _parse_time(manifest["started_at"]), _parse_time(manifest["ended_at"]),
+                            files=files)
+    if summary.ended_at < summary.started_at:
+        raise invalid("manifest: ended_at is before started_at", "ended_at")
+    summary.event_count = _count_jsonl(zf, "events.jsonl", limits, require=("t", "type"))
+    if "network.jsonl" in seen:
+        summary.network_count = _count_jsonl(zf, "network.jsonl", limits, require=())
+    if "network.har" in seen:
+        summary.network_count += _count_har(zf)
+    for f in files:
+        if SCREENSHOT.match(f["name"]):
+            _check_image(zf, f["name"])
+            summary.screenshot_count += 1
+    return summary
 
 
 def _open(zf: zipfile.ZipFile, name: str) -> _Capped:

@@ -46,6 +46,8 @@ class ExtSettings(BaseSettings):
     max_manifest_bytes: int = 1024 * 1024
     max_jsonl_line_bytes: int = 4 * 1024 * 1024
     max_metadata_bytes: int = 64 * 1024
+    max_example_bytes: int = Field(2 * 1024**3, description="largest example JSONL accepted")
+    export_page_examples: int = Field(1000, description="examples per page of GET /examples/export")
     orphan_grace_s: int = Field(3600, description="objects without a row older than this are swept")
     sweep_interval_s: int = Field(300, description="how often ext sweeps orphans and drains deletions")
     cleanup_retry_s: int = Field(5, description="how often failed deletes/aborts are retried")

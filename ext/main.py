@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from ext import errors, maintenance
 from ext.config import ExtSettings
 from ext.db import make_pool
-from ext.routers import api_keys, auth, health, sessions
+from ext.routers import api_keys, auth, examples, health, sessions
 from ext.storage import ObjectStore, make_client
 from ext.tokens import KeySet
 
@@ -45,6 +45,7 @@ def create_app(settings: ExtSettings | None = None) -> FastAPI:
     app.include_router(auth.router)
     app.include_router(api_keys.router)
     app.include_router(sessions.router)
+    app.include_router(examples.router)
     return app
 
 

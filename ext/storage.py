@@ -214,7 +214,11 @@ class ObjectStore:
 class Upload:
     """Streams bytes to one key: a single PUT when everything fits in one part, multipart
     otherwise (one part uploading while the next is received). Computes sha256 and size on
-    the way. Not committed until `finish()`; `abort()` leaves nothing behind."""
+    the way. Not committed until `finish()`; `abort()` leaves nothing behind.
+
+    Memory: received chunks are kept as a list and joined once into a part, and the next
+    part is only built after the previous one is sent, so at most two parts' worth of bytes
+    (the one uploading, the one being received) are alive at any time."""
 
     def __init__(self, store: ObjectStore, key: str, max_bytes: int) -> None:
         self.store = store
@@ -222,10 +226,12 @@ class Upload:
         self.max_bytes = max_bytes
         self.size = 0
         self._hash = hashlib.sha256()
-        self._buffer = bytearray()
+        self._chunks: list[bytes] = []
+        self._buffered = 0
         self._upload_id: str | None = None
         self._parts: list[dict[str, Any]] = []
         self._pending: asyncio.Task[None] | None = None
+        self._completing = False
         self._finished = False
 
     async def write(self, data: bytes) -> None:
@@ -233,51 +239,67 @@ class Upload:
         if self.size > self.max_bytes:
             raise ApiError(413, "TP413", "body too large", f"the limit is {self.max_bytes} bytes")
         self._hash.update(data)
-        self._buffer += data
-        while len(self._buffer) >= self.store.part_size:
-            part = bytes(self._buffer[: self.store.part_size])
-            del self._buffer[: self.store.part_size]
-            await self._send_part(part)
+        self._chunks.append(bytes(data))
+        self._buffered += len(data)
+        if self._buffered >= self.store.part_size:
+            await self._send_part()
 
-    async def _send_part(self, part: bytes) -> None:
+    def _take_buffer(self) -> bytes:
+        part = b"".join(self._chunks)
+        self._chunks.clear()
+        self._buffered = 0
+        return part
+
+    async def _send_part(self) -> None:
         if self._upload_id is None:
             created = await self.store._call(self.store.client.create_multipart_upload, Key=self.key)
             self._upload_id = created["UploadId"]
         if self._pending is not None:
             await self._pending  # at most one part in flight: bounded memory
+            self._pending = None
+        part = self._take_buffer()
         number = len(self._parts) + 1
         self._parts.append({"PartNumber": number})
         upload_id = self._upload_id
 
         async def send() -> None:
-            result = await self.store._call(self.store.client.upload_part, Key=self.key, UploadId=upload_id,
-                                            PartNumber=number, Body=part)
+            # A file object, not bytes (botocore would copy bytes into one buffer with the
+            # headers), closed at once so the part is freed before the next one is built.
+            body = io.BytesIO(part)
+            try:
+                result = await self.store._call(self.store.client.upload_part, Key=self.key, UploadId=upload_id,
+                                                PartNumber=number, Body=body)
+            finally:
+                body.close()
             self._parts[number - 1]["ETag"] = result["ETag"]
 
         self._pending = asyncio.create_task(send())
 
     async def finish(self) -> StoredObject:
         if self._upload_id is None:
-            await self.store._call(self.store.client.put_object, Key=self.key, Body=bytes(self._buffer))
+            self._completing = True
+            await self.store._call(self.store.client.put_object, Key=self.key, Body=self._take_buffer())
         else:
-            if self._buffer:
-                await self._send_part(bytes(self._buffer))
+            if self._buffered:
+                await self._send_part()
             if self._pending is not None:
                 await self._pending
+            self._completing = True
             await self.store._call(self.store.client.complete_multipart_upload, Key=self.key,
                                    UploadId=self._upload_id, MultipartUpload={"Parts": self._parts})
-        self._buffer = bytearray()
         self._finished = True
         return StoredObject(self.key, self.size, self._hash.hexdigest())
 
     async def abort(self) -> None:
-        """Removes whatever was written: the open multipart upload or the finished object."""
+        """Removes whatever was written: the open multipart upload, and the object if it may
+        exist (finished, or a completion whose answer was lost)."""
+        self._chunks.clear()
         if self._pending is not None:
             with contextlib.suppress(Exception):  # the part may have failed; abort regardless
                 await self._pending
         if self._upload_id is not None and not self._finished:
             await self.store.abort(self.key, self._upload_id)
-        if self._finished or self._upload_id is None:
+        if self._finished or self._completing or self._upload_id is None:
             await self.store.delete(self.key)
 
 
@@ -335,8 +357,12 @@ class RangeReader(io.RawIOBase):
             self._fetch = min(self._fetch * 2, self.MAX_FETCH) if sequential else self.MIN_FETCH
             length = min(max(self._fetch, n), self.size - self.pos)
             end = self.pos + length - 1
-            response = self.client.get_object(Bucket=self.bucket, Key=self.key, Range=f"bytes={self.pos}-{end}")
-            self._block = response["Body"].read()
+            try:
+                response = self.client.get_object(Bucket=self.bucket, Key=self.key, Range=f"bytes={self.pos}-{end}")
+                self._block = response["Body"].read()
+            except STORE_ERRORS as e:  # through zipfile to the router: 503, not an unexpected error
+                log.warning("object store error while reading %s: %s", self.key, e)
+                raise unavailable("object storage") from e
             self._block_start = self.pos
             self.bytes_fetched += len(self._block)
             if not self._block:

@@ -149,8 +149,8 @@ def create(settings: StackSettings, name: str, suites: list[uuid.UUID] | None) -
         conn.execute(sql.SQL("create role {} login password {}").format(ident, sql.Literal(verifier)))
         conn.execute(sql.SQL("grant {} to {}").format(sql.Identifier(GROUP), ident))
         apply_guards(conn, name, settings)
-        conn.execute(sql.SQL("comment on role {} is {}").format(
-            ident, sql.Literal("Analyst (tracepipe analyst create): read-only SQL access through the analytics schema.")))
+        comment = "Analyst (tracepipe analyst create): read-only SQL access through the analytics schema."
+        conn.execute(sql.SQL("comment on role {} is {}").format(ident, sql.Literal(comment)))
         conn.execute("insert into app.analysts (role_name, suites) values (%s, %s)", [name, suites])
         conn.commit()
     return f"postgresql://{name}:{password}@{settings.host}:{settings.pg_port}/{settings.db_name}"

@@ -11,6 +11,7 @@ import getpass
 import os
 import signal
 import sys
+from typing import Any
 
 import psycopg
 
@@ -101,6 +102,49 @@ def cmd_user_disable(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """ext's maintenance sweep, once, against the stack's database and object store: drain
+    the deletion outbox, abort stale multipart uploads, remove objects without a row older
+    than the grace period, expire idempotency records. Prints the report as one JSON line."""
+    import asyncio
+    import json
+    from datetime import timedelta
+
+    from ext import maintenance
+    from ext.config import ExtSettings
+    from ext.db import make_pool
+    from ext.storage import ObjectStore, make_client
+
+    if args.grace_seconds is not None and args.grace_seconds < 0:
+        raise StackError("--grace-seconds must be 0 or more")
+    stack = _stack()
+    secrets = credentials.load_or_create(stack.state)
+    values: dict[str, Any] = {k.removeprefix("TP_EXT_").lower(): v for k, v in stack.ext_env(secrets).items()}
+    settings = ExtSettings(**values)
+    grace = timedelta(seconds=args.grace_seconds) if args.grace_seconds is not None else None
+
+    async def run() -> dict[str, int]:
+        async with make_pool(settings) as pool:
+            store = ObjectStore(make_client(settings), settings)
+            report = await maintenance.sweep(pool, store, settings, grace)
+            if store.pending_cleanups:
+                raise StackError(f"{store.pending_cleanups} cleanup(s) failed (is the object store up?)")
+            return report
+
+    print(json.dumps(asyncio.run(run()), sort_keys=True))
+    return 0
+
+
+def cmd_seed_examples(args: argparse.Namespace) -> int:
+    from tracepipe.seed import seed_examples
+
+    stack = _stack()
+    secrets = credentials.load_or_create(stack.state)
+    report = seed_examples(stack.owner_url(secrets), args.rows, args.suites, args.models)
+    print(f"seeded {int(report['rows_added'])} example rows in {report['seconds']} s")
+    return 0
+
+
 ROLES = {"user": "tp_user", "pipeline": "tp_pipeline", "admin": "tp_admin"}
 
 
@@ -119,8 +163,18 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--count", type=int, default=1, help="how many of the newest migrations (default 1)")
     group.add_argument("--all", action="store_true", help="all applied migrations")
     rb.set_defaults(func=cmd_rollback)
+    seed = sub.add_parser("seed-examples", help="scale data: example rows (no objects) across suites and models")
+    seed.add_argument("--rows", type=int, default=1_000_000)
+    seed.add_argument("--suites", type=int, default=1000)
+    seed.add_argument("--models", type=int, default=20)
+    seed.set_defaults(func=cmd_seed_examples)
     sub.add_parser("rotate-jwt-key", help="add a new ES256 signing key; tokens of older keys stay valid until exp"
                    ).set_defaults(func=cmd_rotate_jwt_key)
+    sweep = sub.add_parser("sweep", help="remove objects without a row (older than the grace period), stale "
+                           "multipart uploads and queued deletions; prints a JSON report")
+    sweep.add_argument("--grace-seconds", type=int, default=None,
+                       help="only objects older than this (default: ext's TP_EXT_ORPHAN_GRACE_S, 3600)")
+    sweep.set_defaults(func=cmd_sweep)
     user = sub.add_parser("user", help="manage accounts (operators)")
     user_sub = user.add_subparsers(dest="user_command", required=True, metavar="ACTION")
     create = user_sub.add_parser("create", help="create an account; prints its id")

@@ -21,7 +21,10 @@ create or replace function app.make_creator_owner() returns trigger
     set search_path = ''
 as $$
 begin
-    if new.created_by is not null then
+    -- BEFORE triggers run before ON CONFLICT is resolved: when the row will conflict (an
+    -- upsert of an existing suite) there is no new suite and so no new owner.
+    if new.created_by is not null
+       and not exists (select from app.suites s where s.id = new.id or s.slug = new.slug) then
         insert into app.suite_members (suite_id, user_id, role) values (new.id, new.created_by, 'owner');
     end if;
     return new;

@@ -21,12 +21,14 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse, StreamingResponse
 from psycopg.types.json import Jsonb
 from starlette.concurrency import run_in_threadpool
+from starlette.types import Receive, Scope, Send
 
 from ext import bundles
 from ext.db import as_caller
 from ext.deps import CallerDep, PoolDep, RequestIdDep, SettingsDep, StoreDep
-from ext.errors import ApiError
+from ext.errors import ApiError, unavailable
 from ext.maintenance import drain_deletions
+from ext.storage import STORE_ERRORS
 from ext.uploads import (
     HashSink,
     body_kind,
@@ -172,6 +174,29 @@ def _parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     return start, end
 
 
+class PrimedStreamingResponse(StreamingResponse):
+    """Reads the first chunk before the status line goes out: an object store that is down
+    then answers 503 with the error body (through the app's handlers), not a 200 cut short."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        chunks = self.body_iterator.__aiter__()
+        try:
+            first: bytes | str | memoryview | None = await chunks.__anext__()
+        except StopAsyncIteration:
+            first = None
+        except STORE_ERRORS as e:
+            raise unavailable("object storage") from e
+
+        async def primed() -> AsyncIterator[bytes | str | memoryview]:
+            if first is not None:
+                yield first
+            async for chunk in chunks:
+                yield chunk
+
+        self.body_iterator = primed()
+        await super().__call__(scope, receive, send)
+
+
 def stream_object(store: StoreDep, key: str, size: int, etag: str, media_type: str, range_header: str | None,
                   if_none_match: str | None, extra_headers: dict[str, str] | None = None) -> Response:
     """A stored object as an HTTP response: ETag, Content-Length, single Range, 304."""
@@ -181,11 +206,12 @@ def stream_object(store: StoreDep, key: str, size: int, etag: str, media_type: s
     byte_range = _parse_range(range_header, size)
     if byte_range is None:
         headers["Content-Length"] = str(size)
-        return StreamingResponse(store.stream(key), media_type=media_type, headers=headers)
+        return PrimedStreamingResponse(store.stream(key), media_type=media_type, headers=headers)
     start, end = byte_range
     headers["Content-Length"] = str(end - start + 1)
     headers["Content-Range"] = f"bytes {start}-{end}/{size}"
-    return StreamingResponse(store.stream(key, start, end), status_code=206, media_type=media_type, headers=headers)
+    return PrimedStreamingResponse(store.stream(key, start, end), status_code=206, media_type=media_type,
+                                   headers=headers)
 
 
 @router.get("/sessions/{session_id}/bundle", summary="The stored bundle, byte-identical (Range, ETag)")
@@ -228,8 +254,8 @@ async def download_member(session_id: str, path: str, caller: CallerDep, pool: P
         finally:
             handle.close()
 
-    return StreamingResponse(body(), media_type=media_type,
-                             headers={"Content-Length": str(member["size"]), "ETag": f'"{member["crc"]}"'})
+    return PrimedStreamingResponse(body(), media_type=media_type,
+                                   headers={"Content-Length": str(member["size"]), "ETag": f'"{member["crc"]}"'})
 
 
 @router.delete("/sessions/{session_id}", summary="Delete a session (its uploader): the row, then its objects")

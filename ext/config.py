@@ -28,6 +28,10 @@ class ExtSettings(BaseSettings):
     refresh_token_ttl_s: int = 30 * 24 * 3600
     jwt_leeway_s: int = 5
 
+    login_max_failures: int = Field(10, description="failed logins per account per window before 429")
+    key_max_failures: int = Field(20, description="failed exchanges per API-key prefix per window before 429")
+    throttle_window_s: int = 900
+
     password_min_length: int = 8
     password_max_length: int = 1024
 

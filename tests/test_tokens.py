@@ -13,6 +13,7 @@ import base64
 import hashlib
 import hmac
 import json
+import os
 import time
 import uuid
 from collections.abc import Callable
@@ -482,7 +483,37 @@ def test_auth_endpoints_are_rate_limited(base_url: str) -> None:
             assert_error_body(r)
 
         time.sleep(3)
-        again = httpx.post(f"{base_url}/auth/token", headers=bad, timeout=30)
-        assert_rejected(again)  # served (401 for the bad key), no longer limited
+        # The per-IP zone has refilled: a request is served again (401 for a bad key). A new
+        # prefix, because the hammered one is now throttled per key prefix (next test).
+        other = {"Authorization": f"ApiKey tp_{'1' * 12}_{'0' * 48}"}
+        again = httpx.post(f"{base_url}/auth/token", headers=other, timeout=30)
+        assert_rejected(again)
     finally:
         time.sleep(3)  # let the zone refill for whatever runs next
+
+
+def test_failures_are_throttled_per_key_prefix_and_per_account(base_url: str, make_user: Callable[..., User]) -> None:
+    """Beyond the per-IP limit of the proxy: ext counts failures per key prefix and per
+    account (shared by all workers, in the database) and answers 429 with Retry-After."""
+    prefix = f"tp_{os.urandom(6).hex()}"
+    statuses = []
+    for _ in range(25):
+        r = httpx.post(f"{base_url}/auth/token", headers={"Authorization": f"ApiKey {prefix}_{'0' * 48}"})
+        statuses.append(r.status_code)
+        time.sleep(0.06)  # stay under the proxy's per-IP rate
+    assert statuses[:20] == [401] * 20 and statuses[-1] == 429, statuses
+    assert int(r.headers["retry-after"]) > 0 and assert_error_body(r)["code"] == "TP429"
+    fresh_prefix = f"ApiKey tp_{os.urandom(6).hex()}_{'0' * 48}"
+    other = httpx.post(f"{base_url}/auth/token", headers={"Authorization": fresh_prefix})
+    assert other.status_code == 401
+
+    person = make_user()
+    for _ in range(10):
+        wrong = httpx.post(f"{base_url}/auth/login", json={"email": person.email, "password": "wrong"})
+        assert wrong.status_code == 401
+        time.sleep(0.06)
+    blocked = httpx.post(f"{base_url}/auth/login", json={"email": person.email, "password": person.password})
+    assert blocked.status_code == 429 and int(blocked.headers["retry-after"]) > 0
+    someone = make_user()
+    assert httpx.post(f"{base_url}/auth/login", json={"email": someone.email, "password": someone.password}
+                      ).status_code == 200

@@ -142,14 +142,19 @@ grant execute on function auth.reject(text) to anon, tp_user, tp_pipeline, tp_ad
 -- login (refresh family) behind the token must not be disabled or revoked — so revocation
 -- works on the very next request, even for tokens already issued.
 create or replace function auth.check_request() returns void
-    language plpgsql stable security definer
+    language plpgsql volatile security definer
     set search_path = ''
 as $$
 declare
     c jsonb := auth.claims();
     claimed_role text := c ->> 'role';
     caller app.users%rowtype;
+    request_id text := left(nullif(current_setting('request.headers', true), '')::jsonb ->> 'x-request-id', 64);
 begin
+    -- The proxy's request id reaches pg_stat_activity and the server log (%a).
+    if request_id ~ '^[A-Za-z0-9._-]+$' then
+        perform set_config('application_name', 'tracepipe ' || request_id, true);
+    end if;
     if (c - 'role') = '{}'::jsonb and coalesce(claimed_role, 'anon') = 'anon' then
         return;  -- anonymous: anon holds no privileges
     end if;

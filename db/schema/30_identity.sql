@@ -114,3 +114,42 @@ revoke all on function auth.signup(text, text, text), auth.login_lookup(text),
 grant execute on function auth.signup(text, text, text), auth.login_lookup(text),
     auth.start_login(uuid, bytea, interval), auth.rotate_refresh(bytea, bytea, interval),
     auth.end_login(uuid, uuid, bytea), auth.key_lookup(text), auth.touch_key(uuid) to tp_auth;
+
+-- Brute-force throttle. Seconds the subject must wait before trying again (0: go ahead).
+create or replace function auth.throttle_wait(subject text, max_failures integer, time_window interval)
+    returns integer
+    language sql stable security definer
+    set search_path = ''
+as $$
+    select coalesce((
+        select greatest(ceil(extract(epoch from (t.window_start + time_window - now())))::integer, 1)
+        from app.auth_throttle t
+        where t.subject = throttle_wait.subject and t.failures >= max_failures
+          and t.window_start + time_window > now()), 0)
+$$;
+comment on function auth.throttle_wait(text, integer, interval) is 'Seconds until the subject may try again.';
+
+-- Records a failure (a new window starts when the last one has passed).
+create or replace function auth.throttle_fail(subject text, time_window interval) returns void
+    language sql volatile security definer
+    set search_path = ''
+as $$
+    insert into app.auth_throttle as t (subject, failures) values (subject, 1)
+    on conflict (subject) do update
+        set failures = case when t.window_start + time_window > now() then t.failures + 1 else 1 end,
+            window_start = case when t.window_start + time_window > now() then t.window_start else now() end
+$$;
+comment on function auth.throttle_fail(text, interval) is 'Counts a failed sign-in for the subject.';
+
+create or replace function auth.throttle_clear(subject text) returns void
+    language sql volatile security definer
+    set search_path = ''
+as $$
+    delete from app.auth_throttle where auth_throttle.subject = throttle_clear.subject
+$$;
+comment on function auth.throttle_clear(text) is 'A successful sign-in forgets the failures.';
+
+revoke all on function auth.throttle_wait(text, integer, interval), auth.throttle_fail(text, interval),
+    auth.throttle_clear(text) from public;
+grant execute on function auth.throttle_wait(text, integer, interval), auth.throttle_fail(text, interval),
+    auth.throttle_clear(text) to tp_auth;

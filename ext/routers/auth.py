@@ -107,15 +107,36 @@ async def signup(body: SignupBody, pool: PoolDep, keys: KeysDep, settings: Setti
     return {"id": str(row["id"]), "email": body.email, "display_name": body.display_name, **pair.model_dump()}
 
 
+async def _throttle(conn: Any, subject: str, max_failures: int, settings: SettingsDep) -> None:
+    """429 with Retry-After while the subject has too many recent failures."""
+    cur = await conn.execute("select auth.throttle_wait(%s, %s, %s) as wait",
+                             [subject, max_failures, timedelta(seconds=settings.throttle_window_s)])
+    row = await cur.fetchone()
+    if row and row["wait"] > 0:
+        raise ApiError(429, "TP429", "too many failed attempts", subject.split(":", 1)[0],
+                       "Retry after the number of seconds in Retry-After.", headers={"Retry-After": str(row["wait"])})
+
+
+async def _record_failure(pool: PoolDep, subject: str, settings: SettingsDep) -> None:
+    async with as_identity_service(pool) as conn:
+        await conn.execute("select auth.throttle_fail(%s, %s)",
+                           [subject, timedelta(seconds=settings.throttle_window_s)])
+
+
 @router.post("/auth/login", summary="Sign in with email and password")
 async def login(body: LoginBody, pool: PoolDep, keys: KeysDep, settings: SettingsDep) -> TokenPair:
+    subject = f"login:{body.email.lower()}"
     async with as_identity_service(pool) as conn:
+        await _throttle(conn, subject, settings.login_max_failures, settings)
         cur = await conn.execute("select * from auth.login_lookup(%s)", [body.email])
         account = await cur.fetchone()
     ok = await verify_password(account["password_hash"] if account else None, body.password)
     if not ok or account is None or account["disabled"]:
+        await _record_failure(pool, subject, settings)
         raise ApiError(401, "TP401", "wrong email or password", None, None,
                        headers={"WWW-Authenticate": "Bearer"})
+    async with as_identity_service(pool) as conn:
+        await conn.execute("select auth.throttle_clear(%s)", [subject])
     return await _start_login(pool, keys, settings, account["id"], account["account_role"])
 
 
@@ -158,12 +179,16 @@ async def token(pool: PoolDep, keys: KeysDep, settings: SettingsDep,
     if scheme.lower() != "apikey" or not match:
         raise ApiError(401, "TP401", "an API key is required", "Authorization: ApiKey tp_…",
                        headers={"WWW-Authenticate": "ApiKey"})
+    subject = f"key:{match.group(1)}"
     async with as_identity_service(pool) as conn:
+        await _throttle(conn, subject, settings.key_max_failures, settings)
         cur = await conn.execute("select * from auth.key_lookup(%s)", [match.group(1)])
         record = await cur.fetchone()
-        stored = bytes(record["key_hash"]) if record else _DUMMY_KEY_HASH
-        if not hmac.compare_digest(stored, _sha256(key)) or record is None:
-            raise ApiError(401, "TP401", "invalid API key", None, None, headers={"WWW-Authenticate": "ApiKey"})
+    stored = bytes(record["key_hash"]) if record else _DUMMY_KEY_HASH
+    if not hmac.compare_digest(stored, _sha256(key)) or record is None:
+        await _record_failure(pool, subject, settings)
+        raise ApiError(401, "TP401", "invalid API key", None, None, headers={"WWW-Authenticate": "ApiKey"})
+    async with as_identity_service(pool) as conn:
         if record["revoked_at"] is not None or record["disabled"]:
             raise ApiError(401, "TP401", "API key revoked", None, None, headers={"WWW-Authenticate": "ApiKey"})
         expires = record["expires_at"]

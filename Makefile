@@ -4,7 +4,7 @@ VENV := .venv
 TP := $(VENV)/bin/tracepipe
 STAMP := $(VENV)/.bootstrapped
 
-.PHONY: up down status migrate test lint bootstrap analyst analyst-revoke analysts
+.PHONY: up down status migrate test lint bootstrap analyst analyst-revoke analysts bench
 
 $(STAMP): pyproject.toml requirements.lock scripts/bootstrap.sh
 	scripts/bootstrap.sh
@@ -41,3 +41,6 @@ analyst-revoke: $(STAMP)  ## NAME=alice: drop an analyst's role, ending its open
 
 analysts: $(STAMP)  ## list the analysts, their suites and open sessions
 	$(TP) analyst list
+
+bench: $(STAMP)  ## the benchmark suite on a throwaway stack (QUICK=1: a ~2-minute subset); writes bench/results/
+	$(VENV)/bin/python -m bench.run $(if $(filter 1 yes true,$(QUICK)),--quick)

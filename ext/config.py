@@ -18,7 +18,7 @@ class ExtSettings(BaseSettings):
     db_pool_min: int = 1
     db_pool_max: int = 10
     db_connect_timeout_s: float = 3.0
-    db_pool_timeout_s: float = Field(5.0, description="wait for a pooled connection before answering 503")
+    db_pool_timeout_s: float = Field(3.0, description="wait for a pooled connection before answering 503")
 
     jwt_keys_dir: Path = Field(Path("/run/tracepipe/jwt"), description="ES256 private keys <kid>.pem and jwks.json")
     jwt_issuer: str = "tracepipe"
@@ -58,6 +58,9 @@ class ExtSettings(BaseSettings):
     idempotency_ttl_s: int = 24 * 3600
 
     postgrest_url: str = Field("http://127.0.0.1:13001", description="PostgREST admin server, for /ready")
+    postgrest_api_url: str = Field("http://127.0.0.1:13000",
+                                   description="PostgREST's API server: its Swagger 2.0 at / goes into /openapi.json")
+    openapi_cache_s: float = Field(30.0, description="how long ext reuses PostgREST's fetched API description")
     ready_timeout_s: float = 2.0
 
     @model_validator(mode="after")

@@ -11,12 +11,17 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
+from psycopg_pool.base import AttemptWithBackoff
 
 from ext.config import ExtSettings
 from ext.errors import unauthorized
 
 
 def make_pool(settings: ExtSettings) -> AsyncConnectionPool:
+    # psycopg_pool retries a lost database with a doubling delay (1 s, 2 s, 4 s, ... up to
+    # minutes), which left a worker answering 503 long after PostgreSQL was back. Retry
+    # every ~second instead: reconnecting is cheap and recovery is what matters.
+    AttemptWithBackoff.DELAY_BACKOFF = 1.0
     return AsyncConnectionPool(
         settings.database_url,
         min_size=settings.db_pool_min,

@@ -1,4 +1,8 @@
-"""FastAPI dependencies: settings, pool, key set, and the verified caller."""
+"""FastAPI dependencies: settings, pool, key set, and the verified caller.
+
+All are `async def`: FastAPI runs a plain `def` dependency in the thread pool, a thread
+hop per dependency per request that cost /auth/token a fifth of its throughput. None of
+them blocks (attribute reads; one ES256 verification, ~0.1 ms)."""
 
 from __future__ import annotations
 
@@ -13,27 +17,27 @@ from ext.storage import ObjectStore
 from ext.tokens import KeySet
 
 
-def get_settings(request: Request) -> ExtSettings:
+async def get_settings(request: Request) -> ExtSettings:
     settings: ExtSettings = request.app.state.settings
     return settings
 
 
-def get_pool(request: Request) -> AsyncConnectionPool:
+async def get_pool(request: Request) -> AsyncConnectionPool:
     pool: AsyncConnectionPool = request.app.state.pool
     return pool
 
 
-def get_keys(request: Request) -> KeySet:
+async def get_keys(request: Request) -> KeySet:
     keys: KeySet = request.app.state.keys
     return keys
 
 
-def get_store(request: Request) -> ObjectStore:
+async def get_store(request: Request) -> ObjectStore:
     store: ObjectStore = request.app.state.store
     return store
 
 
-def get_caller(request: Request, keys: Annotated[KeySet, Depends(get_keys)]) -> dict[str, Any]:
+async def get_caller(request: Request, keys: Annotated[KeySet, Depends(get_keys)]) -> dict[str, Any]:
     """Claims of the bearer token (signature, exp, aud, iss checked); 401 otherwise.
     Revocation is checked by auth.check_request() inside the caller's transaction."""
     header = request.headers.get("authorization", "")
@@ -43,7 +47,7 @@ def get_caller(request: Request, keys: Annotated[KeySet, Depends(get_keys)]) -> 
     return keys.verify(token.strip())
 
 
-def request_id(request: Request) -> str | None:
+async def request_id(request: Request) -> str | None:
     return request.headers.get("x-request-id")
 
 

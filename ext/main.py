@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from ext import errors, maintenance
+from ext import errors, maintenance, observability
 from ext.config import ExtSettings
 from ext.db import make_pool
-from ext.routers import api_keys, auth, examples, health, sessions
+from ext.routers import api_keys, auth, docs, examples, health, sessions
 from ext.storage import ObjectStore, make_client
 from ext.tokens import KeySet
 
@@ -37,15 +36,19 @@ def create_app(settings: ExtSettings | None = None) -> FastAPI:
                 await housekeeping
             await app.state.pool.close()
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    observability.configure_logging()
+    # /docs and /openapi.json are docs.router's: the whole API (ext and PostgREST), not ext's alone.
     app = FastAPI(title="Tracepipe ext", version="0.1.0", lifespan=lifespan,
+                  docs_url=None, redoc_url=None, openapi_url=None,
                   description="Identity, uploads and streams of Tracepipe. Errors: {code, message, details, hint}.")
     errors.install(app)
+    app.add_middleware(observability.RequestLog)
     app.include_router(health.router)
     app.include_router(auth.router)
     app.include_router(api_keys.router)
     app.include_router(sessions.router)
     app.include_router(examples.router)
+    app.include_router(docs.router)
     return app
 
 

@@ -96,7 +96,7 @@ async def stream_body(request: Request, kind: str, sink: Sink, file_field: str, 
     if not boundary:
         raise ApiError(400, "TP400", "multipart body without a boundary")
     state: dict[str, Any] = {"name": None, "header_field": b"", "header_value": b"", "disposition": b"",
-                             "file_seen": False}
+                             "file_seen": False, "ended": False}
     file_data = bytearray()
     field_data: dict[str, bytearray] = {}
 
@@ -138,9 +138,13 @@ async def stream_body(request: Request, kind: str, sink: Sink, file_field: str, 
                 raise ApiError(413, "TP413", f"form field {state['name']} is too large",
                                f"the limit is {max_field_bytes} bytes")
 
+    def on_end() -> None:
+        state["ended"] = True
+
     parser = MultipartParser(boundary, {  # type: ignore[arg-type]
         "on_part_begin": on_part_begin, "on_header_field": on_header_field, "on_header_value": on_header_value,
         "on_header_end": on_header_end, "on_headers_finished": on_headers_finished, "on_part_data": on_part_data,
+        "on_end": on_end,
     })
     async for chunk in request.stream():
         if not chunk:
@@ -160,6 +164,8 @@ async def stream_body(request: Request, kind: str, sink: Sink, file_field: str, 
         parser.finalize()
     except Exception as e:
         raise ApiError(400, "TP400", "malformed multipart body", str(e)) from None
+    if not state["ended"]:  # the parser does not check this itself; the file's tail may be missing
+        raise ApiError(400, "TP400", "malformed multipart body", "the closing boundary is missing")
     if not state["file_seen"]:
         raise ApiError(422, "TP422", f"form field {file_field} is missing", {"field": file_field})
     if received == 0:

@@ -17,7 +17,7 @@ import psycopg
 
 from tracepipe import analysts, credentials, migrate
 from tracepipe.settings import StackSettings
-from tracepipe.stack import Stack, StackError
+from tracepipe.stack import COMPONENTS, Stack, StackError
 
 
 def _stack() -> Stack:
@@ -36,11 +36,44 @@ def cmd_down(_: argparse.Namespace) -> int:
 
 
 def cmd_status(_: argparse.Namespace) -> int:
-    statuses = _stack().status()
+    stack = _stack()
+    statuses = stack.status()
+    versions = stack.versions()
+    print(f"{'component':<10} {'state':<10} {'port':<6} {'pid':<8} version")
     for st in statuses:
         state = "up" if st.healthy else ("unhealthy" if st.pid else "down")
-        print(f"{st.name:<10} {state:<10} port {st.port:<6} pid {st.pid or '-'}")
+        print(f"{st.name:<10} {state:<10} {st.port:<6} {st.pid or '-'!s:<8} {versions[st.name]}")
+    print(f"proxy: {stack.s.proxy_url}")
     return 0 if all(st.healthy for st in statuses) else 1
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    stack = _stack()
+    names = [args.component] if args.component else list(COMPONENTS)
+    for name in names:
+        path = stack.logfile(name)
+        if not path.exists():
+            continue
+        lines = path.read_text(errors="replace").splitlines()[-args.lines:]
+        for line in lines:
+            print(f"{name}: {line}" if len(names) > 1 else line)
+    if args.follow:
+        import time
+
+        sizes = {n: stack.logfile(n).stat().st_size for n in names if stack.logfile(n).exists()}
+        while True:
+            time.sleep(0.5)
+            for name in names:
+                path = stack.logfile(name)
+                if not path.exists():
+                    continue
+                with open(path, errors="replace") as f:
+                    f.seek(sizes.get(name, 0))
+                    chunk = f.read()
+                    sizes[name] = f.tell()
+                for line in chunk.splitlines():
+                    print(f"{name}: {line}" if len(names) > 1 else line, flush=True)
+    return 0
 
 
 def cmd_migrate(_: argparse.Namespace) -> int:
@@ -156,6 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("down", help="stop the local stack").set_defaults(func=cmd_down)
     sub.add_parser("status", help="each component: state, port, pid (exit 1 unless all are up)"
                    ).set_defaults(func=cmd_status)
+    logs = sub.add_parser("logs", help="the last lines of a component's log (all components when omitted)")
+    logs.add_argument("component", nargs="?", choices=COMPONENTS)
+    logs.add_argument("-n", "--lines", type=int, default=50, help="how many lines (default 50)")
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+    logs.set_defaults(func=cmd_logs)
     sub.add_parser("migrate", help="apply pending migrations, then the API surface and policies"
                    ).set_defaults(func=cmd_migrate)
     rb = sub.add_parser("rollback", help="roll back migrations (drops the API surface; run migrate after)")

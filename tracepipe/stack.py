@@ -197,10 +197,26 @@ class Stack:
 
     def down(self) -> None:
         for name in reversed(COMPONENTS):
-            if name == "postgres":
-                self._stop_postgres()
-            else:
-                self._stop_pid(name, grace=20.0 if name == "seaweedfs" else 10.0)
+            self.stop_component(name)
+
+    def stop_component(self, name: str, grace: float | None = None) -> None:
+        """Stops one component (the others keep running); SIGTERM, then SIGKILL after grace."""
+        if name == "postgres":
+            self._stop_postgres()
+        else:
+            self._stop_pid(name, grace=grace if grace is not None else (20.0 if name == "seaweedfs" else 10.0))
+
+    def start_component(self, name: str) -> None:
+        """Starts one stopped component of an initialised stack and waits until it answers."""
+        secrets = credentials.load_or_create(self.state)
+        starters = {
+            "postgres": self._start_postgres,
+            "seaweedfs": lambda: self._start_seaweedfs(secrets),
+            "postgrest": lambda: self._start_postgrest(secrets),
+            "ext": lambda: self._start_ext(secrets),
+            "nginx": self._start_nginx,
+        }
+        starters[name]()
 
     def status(self) -> list[ComponentStatus]:
         s = self.s
@@ -219,6 +235,27 @@ class Stack:
         return out
 
     # --- process helpers ------------------------------------------------------------------
+    def versions(self) -> dict[str, str]:
+        """Version of each component's binary (what `tracepipe status` shows)."""
+        def first_line(argv: list[str]) -> str:
+            try:
+                out = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+            except (OSError, subprocess.TimeoutExpired):
+                return "not installed"
+            text = (out.stdout or out.stderr).strip()
+            return text.splitlines()[0] if text else "unknown"
+
+        from importlib.metadata import version
+
+        weed = shutil.which("weed", path=str(self.venv_bin)) or "weed"
+        return {
+            "postgres": first_line([str(self.pg_bindir / "postgres"), "--version"]),
+            "seaweedfs": first_line([weed, "version"]),
+            "postgrest": first_line([str(self.postgrest_bin), "--version"]),
+            "ext": f"tracepipe {version('tracepipe')}",
+            "nginx": first_line([shutil.which("nginx") or "/usr/sbin/nginx", "-v"]),
+        }
+
     def pid_of(self, name: str) -> int | None:
         """The running component's pid, or None."""
         return self._pid(name)
@@ -306,11 +343,12 @@ class Stack:
                               "--auth-local=trust", "--auth-host=scram-sha-256", "-E", "UTF8",
                               "--locale=C.UTF-8"], stdout=subprocess.DEVNULL)
         log = self.logfile("postgres")
+        # log_line_prefix shows application_name, which carries the proxy's request id.
         opts = (f"-p {self.s.pg_port} -k {self.socket_dir} -c listen_addresses={self.s.host} "
-                f"-c max_connections=200 -c shared_buffers=256MB -c password_encryption=scram-sha-256")
+                f"-c max_connections=200 -c shared_buffers=256MB -c password_encryption=scram-sha-256 "
+                f"-c 'log_line_prefix=%m [%p] app=%a user=%u db=%d ' -c log_min_duration_statement=1s")
         self._as_pg_user([str(bindir / "pg_ctl"), "-D", str(self.pg_data), "-l", str(log), "-o", opts,
                           "-w", "-t", "60", "start"], stdout=subprocess.DEVNULL)
-
     def _stop_postgres(self) -> None:
         if self._pid("postgres") is None:
             return
@@ -427,10 +465,16 @@ class Stack:
             "TP_EXT_S3_REGION": s.s3_region,
             "TP_EXT_S3_BUCKET": s.bucket,
             "TP_EXT_POSTGREST_URL": f"http://{s.host}:{s.pgrst_admin_port}",
+            "TP_EXT_POSTGREST_API_URL": s.postgrest_url,
             "TP_EXT_ENVIRONMENT": "development",
+            # prometheus_client's multiprocess mode: one directory shared by the workers
+            "PROMETHEUS_MULTIPROC_DIR": str(self.run_dir / "ext-metrics"),
         }
 
     def _start_ext(self, secrets: credentials.StackSecrets) -> None:
+        metrics_dir = Path(self.ext_env(secrets)["PROMETHEUS_MULTIPROC_DIR"])
+        shutil.rmtree(metrics_dir, ignore_errors=True)  # stale files of a previous run
+        metrics_dir.mkdir(parents=True)
         uvicorn = shutil.which("uvicorn", path=str(self.venv_bin)) or "uvicorn"
         argv = [uvicorn, "ext.main:app", "--host", self.s.host, "--port", str(self.s.ext_port),
                 "--workers", str(self.s.ext_workers), "--no-access-log", "--proxy-headers",

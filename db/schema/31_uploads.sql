@@ -65,3 +65,17 @@ $$;
 comment on function auth.finish_object_deletion(text) is 'The objects under the prefix are gone: forget it.';
 revoke all on function auth.pending_object_deletions(integer), auth.finish_object_deletion(text) from public;
 grant execute on function auth.pending_object_deletions(integer), auth.finish_object_deletion(text) to tp_auth;
+
+-- Every stored object's expected size and digest, for `tracepipe scrub`.
+create or replace function auth.object_manifest()
+    returns table (kind text, id uuid, size_bytes bigint, sha256 text)
+    language sql stable security definer
+    set search_path = ''
+as $$
+    select 'sessions', s.id, s.size_bytes, s.sha256 from app.sessions s
+    union all
+    select 'examples', e.id, e.size_bytes, e.sha256 from app.examples e
+$$;
+comment on function auth.object_manifest() is 'Expected size and sha256 of every session bundle and example (for the scrub).';
+revoke all on function auth.object_manifest() from public;
+grant execute on function auth.object_manifest() to tp_auth;

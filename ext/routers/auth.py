@@ -180,21 +180,30 @@ async def token(pool: PoolDep, keys: KeysDep, settings: SettingsDep,
         raise ApiError(401, "TP401", "an API key is required", "Authorization: ApiKey tp_…",
                        headers={"WWW-Authenticate": "ApiKey"})
     subject = f"key:{match.group(1)}"
+    # One transaction for throttle, lookup and touch (a pooled connection, its check and
+    # BEGIN/COMMIT cost as much as the queries). The touch commits asynchronously: losing
+    # a last_used_at on a crash is harmless, and a synchronous commit would hold the key
+    # row's lock through a WAL flush, serialising every exchange of the same key.
     async with as_identity_service(pool) as conn:
         await _throttle(conn, subject, settings.key_max_failures, settings)
         cur = await conn.execute("select * from auth.key_lookup(%s)", [match.group(1)])
         record = await cur.fetchone()
-    stored = bytes(record["key_hash"]) if record else _DUMMY_KEY_HASH
-    if not hmac.compare_digest(stored, _sha256(key)) or record is None:
+        stored = bytes(record["key_hash"]) if record else _DUMMY_KEY_HASH
+        valid = hmac.compare_digest(stored, _sha256(key))
+        if valid and record is not None:
+            revoked = record["revoked_at"] is not None or record["disabled"]
+            expires = record["expires_at"]
+            expired = expires is not None and expires.timestamp() <= time.time()
+            if not revoked and not expired:
+                await conn.execute("select auth.touch_key(%s), set_config('synchronous_commit', 'off', true)",
+                                   [record["id"]])
+    if not valid or record is None:
         await _record_failure(pool, subject, settings)
         raise ApiError(401, "TP401", "invalid API key", None, None, headers={"WWW-Authenticate": "ApiKey"})
-    async with as_identity_service(pool) as conn:
-        if record["revoked_at"] is not None or record["disabled"]:
-            raise ApiError(401, "TP401", "API key revoked", None, None, headers={"WWW-Authenticate": "ApiKey"})
-        expires = record["expires_at"]
-        if expires is not None and expires.timestamp() <= time.time():
-            raise ApiError(401, "TP401", "API key expired", None, None, headers={"WWW-Authenticate": "ApiKey"})
-        await conn.execute("select auth.touch_key(%s)", [record["id"]])
+    if revoked:
+        raise ApiError(401, "TP401", "API key revoked", None, None, headers={"WWW-Authenticate": "ApiKey"})
+    if expired:
+        raise ApiError(401, "TP401", "API key expired", None, None, headers={"WWW-Authenticate": "ApiKey"})
     claims = {
         "sub": str(record["user_id"]),
         "role": record["account_role"],

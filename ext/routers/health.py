@@ -6,10 +6,11 @@ import asyncio
 from typing import Any
 
 import httpx
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from ext.deps import PoolDep, SettingsDep
+from ext.observability import metrics_response
 from ext.storage import bucket_reachable
 
 router = APIRouter(tags=["health"])
@@ -52,3 +53,10 @@ async def ready(request: Request, pool: PoolDep, settings: SettingsDep) -> JSONR
          "checks": results},
         status_code=503, headers={"Retry-After": "1"},
     )
+
+
+@router.get("/metrics", summary="Prometheus metrics of every ext worker (ext's port only; not routed by the proxy)",
+            include_in_schema=False)
+async def metrics() -> Response:
+    body, content_type = metrics_response()
+    return Response(body, media_type=content_type)

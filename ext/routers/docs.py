@@ -1,0 +1,144 @@
+"""The API reference: GET /openapi.json (ext's and PostgREST's endpoints in one OpenAPI 3
+document, see ext/openapi.py) and GET /docs (Swagger UI rendering it).
+
+Swagger UI's files come from the PyPI package `fastapi-offline` (a maintained vendoring of
+swagger-ui-dist 5.x) and are served from here, never from a CDN: the page works on a
+machine without internet access and loads no third-party code. (`swagger-ui-bundle` on
+PyPI ships Swagger UI 4.15, which cannot render OpenAPI 3.1, what FastAPI emits.)
+
+PostgREST's Swagger is fetched from its API server and reused for `openapi_cache_s`: a
+schema reload (`make migrate`) shows up within that time, and a page load costs no
+PostgREST request. When PostgREST does not answer, the last good document is served, or
+ext's part alone with a note saying so.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import time
+from dataclasses import dataclass
+from importlib import metadata, resources
+from pathlib import Path
+from typing import Any
+
+import httpx
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import FileResponse, HTMLResponse
+
+from ext import openapi
+from ext.deps import SettingsDep
+from ext.errors import ApiError
+
+log = logging.getLogger("ext.docs")
+router = APIRouter(include_in_schema=False)
+
+ASSETS = {
+    "swagger-ui-bundle.js": "text/javascript",
+    "swagger-ui.css": "text/css",
+    "favicon.png": "image/png",
+}
+
+
+def _assets_dir() -> Path:
+    return Path(str(resources.files("fastapi_offline") / "static"))
+
+
+def _assets_version() -> str:
+    try:
+        return metadata.version("fastapi-offline")
+    except metadata.PackageNotFoundError:
+        return "0"
+
+
+@dataclass
+class _Cached:
+    body: bytes
+    fetched_at: float
+    complete: bool
+
+
+async def _fetch_postgrest(url: str, timeout: float) -> dict[str, Any]:
+    async with httpx.AsyncClient(timeout=timeout) as client:
+        r = await client.get(url.rstrip("/") + "/", headers={"Accept": "application/openapi+json"})
+        r.raise_for_status()
+        doc = r.json()
+    if not isinstance(doc, dict) or doc.get("swagger") != "2.0":
+        raise ValueError("PostgREST did not answer a Swagger 2.0 document")
+    return doc
+
+
+async def merged_document(request: Request, settings: SettingsDep) -> bytes:
+    state = request.app.state
+    cached: _Cached | None = getattr(state, "openapi_cache", None)
+    now = time.monotonic()
+    if cached and cached.complete and now - cached.fetched_at < settings.openapi_cache_s:
+        return cached.body
+    ext_doc = request.app.openapi()
+    try:
+        swagger = await _fetch_postgrest(settings.postgrest_api_url, settings.ready_timeout_s)
+    except (httpx.HTTPError, ValueError) as e:
+        log.warning("PostgREST's API description unavailable: %s", e)
+        if cached and cached.complete:
+            return cached.body  # stale but whole beats fresh but half
+        doc = openapi.merge(ext_doc, None, note="PostgREST's endpoints are missing: it did not answer just now. "
+                                                "Reload in a moment.")
+        return json.dumps(doc).encode()
+    body = json.dumps(openapi.merge(ext_doc, swagger)).encode()
+    state.openapi_cache = _Cached(body, now, True)
+    return body
+
+
+@router.get("/openapi.json")
+async def openapi_json(request: Request, settings: SettingsDep) -> Response:
+    body = await merged_document(request, settings)
+    return Response(body, media_type="application/json", headers={"Cache-Control": "no-cache"})
+
+
+PAGE = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{title}</title>
+<link rel="icon" type="image/png" href="/docs/favicon.png?v={v}">
+<link rel="stylesheet" href="/docs/swagger-ui.css?v={v}">
+<style>body {{ margin: 0; }} .swagger-ui .topbar {{ display: none; }}</style>
+</head>
+<body>
+<div id="swagger-ui"></div>
+<script src="/docs/swagger-ui-bundle.js?v={v}"></script>
+<script>
+window.ui = SwaggerUIBundle({{
+  url: "/openapi.json",
+  dom_id: "#swagger-ui",
+  presets: [SwaggerUIBundle.presets.apis],
+  layout: "BaseLayout",
+  deepLinking: true,
+  docExpansion: "list",
+  defaultModelsExpandDepth: 0,
+  persistAuthorization: true,
+  displayRequestDuration: true,
+  filter: true,
+  tryItOutEnabled: false,
+  validatorUrl: null
+}});
+</script>
+</body>
+</html>
+"""
+
+
+@router.get("/docs")
+async def docs_page() -> HTMLResponse:
+    page = PAGE.format(title=html.escape("Tracepipe API reference"), v=html.escape(_assets_version()))
+    return HTMLResponse(page, headers={"Cache-Control": "no-cache"})
+
+
+@router.get("/docs/{name}")
+async def docs_asset(name: str) -> Response:
+    if name not in ASSETS:
+        raise ApiError(404, "TP404", "not found", name)
+    return FileResponse(_assets_dir() / name, media_type=ASSETS[name],
+                        headers={"Cache-Control": "public, max-age=86400"})

@@ -12,11 +12,11 @@ $(STAMP): pyproject.toml requirements.lock scripts/bootstrap.sh
 
 bootstrap: $(STAMP)
 
-up: $(STAMP)  ## start the whole local stack in the background; prints the proxy URL
-	$(TP) up
+up: $(STAMP)  ## start the whole local stack in the background; prints the proxy URL (SCALE=N: N PostgREST and ext)
+	$(if $(SCALE),TP_SCALE=$(SCALE) )$(TP) up
 
 down: $(STAMP)  ## stop the local stack
-	$(TP) down
+	$(if $(SCALE),TP_SCALE=$(SCALE) )$(TP) down
 
 status: $(STAMP)  ## each component's state, port and pid
 	$(TP) status

@@ -43,12 +43,15 @@ def _free(port: int) -> bool:
     return True
 
 
-def free_ports() -> dict[str, int]:
-    """Ports below the ephemeral range (32768+), gRPC ports (+10000) included, all free."""
+def free_ports(scale: int = 1, scale_step: int = 100) -> dict[str, int]:
+    """Ports below the ephemeral range (32768+), gRPC ports (+10000) and the ports of extra
+    PostgREST/ext instances (+ i × scale_step) included, all free."""
     for _ in range(200):
         base = random.randrange(10000, 22000, 20)
         ports = {name: base + i for i, name in enumerate(PORT_FIELDS)}
         wanted = list(ports.values()) + [ports[n] + 10000 for n in GRPC_FIELDS]
+        wanted += [ports[n] + i * scale_step for i in range(1, scale)
+                   for n in ("pgrst_port", "pgrst_admin_port", "ext_port")]
         if all(_free(p) for p in wanted):
             return ports
     raise RuntimeError("no free block of ports found")

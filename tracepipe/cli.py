@@ -42,14 +42,14 @@ def cmd_status(_: argparse.Namespace) -> int:
     print(f"{'component':<10} {'state':<10} {'port':<6} {'pid':<8} version")
     for st in statuses:
         state = "up" if st.healthy else ("unhealthy" if st.pid else "down")
-        print(f"{st.name:<10} {state:<10} {st.port:<6} {st.pid or '-'!s:<8} {versions[st.name]}")
+        print(f"{st.name:<10} {state:<10} {st.port:<6} {st.pid or '-'!s:<8} {versions[st.name.split('-')[0]]}")
     print(f"proxy: {stack.s.proxy_url}")
     return 0 if all(st.healthy for st in statuses) else 1
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
     stack = _stack()
-    names = [args.component] if args.component else list(COMPONENTS)
+    names = [args.component] if args.component else stack.process_names()
     for name in names:
         path = stack.logfile(name)
         if not path.exists():
@@ -190,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("status", help="each component: state, port, pid (exit 1 unless all are up)"
                    ).set_defaults(func=cmd_status)
     logs = sub.add_parser("logs", help="the last lines of a component's log (all components when omitted)")
-    logs.add_argument("component", nargs="?", choices=COMPONENTS)
+    logs.add_argument("component", nargs="?",
+                      help=f"one of {', '.join(COMPONENTS)} (instances of a scaled stack: ext-1, postgrest-1, …)")
     logs.add_argument("-n", "--lines", type=int, default=50, help="how many lines (default 50)")
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
     logs.set_defaults(func=cmd_logs)

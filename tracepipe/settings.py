@@ -66,6 +66,8 @@ class StackSettings(BaseSettings):
     analyst_connection_limit: int = Field(3, description="CONNECTION LIMIT of each analyst login role")
 
     ext_workers: int = 2
+    scale: int = Field(1, ge=1, le=8, description="instances of PostgREST and of ext behind nginx (make up SCALE=N)")
+    scale_port_step: int = Field(100, description="instance i listens on the base port + i × this")
     max_api_body: str = Field("1m", description="nginx client_max_body_size for JSON API requests")
     max_upload_body: str = Field("5g", description="nginx client_max_body_size for bundle and JSONL uploads")
     auth_rate: str = Field("20r/s", description="nginx limit_req rate per client IP on auth endpoints")

@@ -83,8 +83,12 @@ def _wait(what: str, check, timeout: float, log_file: Path | None = None) -> Non
 
 class Stack:
     def __init__(self, settings: StackSettings) -> None:
-        self.s = settings
         self.state = settings.state_dir.resolve()
+        scale_file = self.state / "scale"
+        if "scale" not in settings.model_fields_set and scale_file.exists():
+            # the scale of the last `up` holds until another is asked for
+            settings = settings.model_copy(update={"scale": int(scale_file.read_text())})
+        self.s = settings
         self.run_dir = self.state / "run"
         self.logs = self.state / "logs"
         self.venv_bin = Path(sys.executable).parent
@@ -173,7 +177,7 @@ class Stack:
     # --- lifecycle ------------------------------------------------------------------------
     def up(self) -> str:
         statuses = self.status()
-        if all(st.healthy for st in statuses):
+        if all(st.healthy for st in statuses) and not self._surplus_instances():
             _log(f"already running at {self.s.proxy_url}")
             return self.s.proxy_url
         self.install()
@@ -181,22 +185,34 @@ class Stack:
             d.mkdir(parents=True, exist_ok=True)
         secrets = credentials.load_or_create(self.state)
         credentials.ensure_signing_key(self.state)
+        (self.state / "scale").write_text(str(self.s.scale))
+        for name in self._surplus_instances():  # scaling down
+            self.stop_component(name)
         running = {st.name for st in statuses if st.healthy}
         if "postgres" not in running:
             self._start_postgres()
         self._migrate(secrets)
-        if "seaweedfs" not in running:
-            self._start_seaweedfs(secrets)
-        if "postgrest" not in running:
-            self._start_postgrest(secrets)
-        if "ext" not in running:
-            self._start_ext(secrets)
-        if "nginx" not in running:
-            self._start_nginx()
+        for name in self.process_names():
+            if name not in running and name != "postgres":
+                self.start_component(name)
+            elif name == "nginx":
+                self._reload_nginx()  # the upstreams may have changed with the scale
         return self.s.proxy_url
 
+    def process_names(self) -> list[str]:
+        """Every process of the stack in start order; with scale N, PostgREST and ext run
+        N instances each ("postgrest", "postgrest-1", …), stateless behind nginx."""
+        names = ["postgres", "seaweedfs"]
+        for component in ("postgrest", "ext"):
+            names += [component] + [f"{component}-{i}" for i in range(1, self.s.scale)]
+        return [*names, "nginx"]
+
+    def _surplus_instances(self) -> list[str]:
+        """Instances left running by an earlier, larger scale."""
+        return sorted({p.stem for p in self.run_dir.glob("*-[0-9]*.pid")} - set(self.process_names()))
+
     def down(self) -> None:
-        for name in reversed(COMPONENTS):
+        for name in reversed(self.process_names() + self._surplus_instances()):
             self.stop_component(name)
 
     def stop_component(self, name: str, grace: float | None = None) -> None:
@@ -207,32 +223,42 @@ class Stack:
             self._stop_pid(name, grace=grace if grace is not None else (20.0 if name == "seaweedfs" else 10.0))
 
     def start_component(self, name: str) -> None:
-        """Starts one stopped component of an initialised stack and waits until it answers."""
+        """Starts one stopped process of an initialised stack ("ext", "ext-1", …) and waits
+        until it answers."""
         secrets = credentials.load_or_create(self.state)
+        component, instance = _split_instance(name)
         starters = {
             "postgres": self._start_postgres,
             "seaweedfs": lambda: self._start_seaweedfs(secrets),
-            "postgrest": lambda: self._start_postgrest(secrets),
-            "ext": lambda: self._start_ext(secrets),
+            "postgrest": lambda: self._start_postgrest(secrets, instance),
+            "ext": lambda: self._start_ext(secrets, instance),
             "nginx": self._start_nginx,
         }
-        starters[name]()
+        starters[component]()
 
     def status(self) -> list[ComponentStatus]:
         s = self.s
-        checks = {
-            "postgres": (s.pg_port, lambda: _port_open(s.host, s.pg_port)),
-            "seaweedfs": (s.s3_port, lambda: _port_open(s.host, s.s3_port)),
-            "postgrest": (s.pgrst_port, lambda: _http_ok(f"http://{s.host}:{s.pgrst_admin_port}/ready")),
-            "ext": (s.ext_port, lambda: _http_ok(f"http://{s.host}:{s.ext_port}/health")),
-            "nginx": (s.proxy_port, lambda: _http_ok(f"{s.proxy_url}/health")),
-        }
         out = []
-        for name in COMPONENTS:
-            port, check = checks[name]
+        for name in self.process_names():
+            component, i = _split_instance(name)
+            port = {"postgres": s.pg_port, "seaweedfs": s.s3_port, "postgrest": self.port(s.pgrst_port, i),
+                    "ext": self.port(s.ext_port, i), "nginx": s.proxy_port}[component]
             pid = self._pid(name)
-            out.append(ComponentStatus(name, pid, port, pid is not None and check()))
+            out.append(ComponentStatus(name, pid, port, pid is not None and self._answers(component, i)))
         return out
+
+    def _answers(self, component: str, instance: int) -> bool:
+        s = self.s
+        if component in ("postgres", "seaweedfs"):
+            return _port_open(s.host, s.pg_port if component == "postgres" else s.s3_port)
+        url = {"postgrest": f"http://{s.host}:{self.port(s.pgrst_admin_port, instance)}/ready",
+               "ext": f"http://{s.host}:{self.port(s.ext_port, instance)}/health",
+               "nginx": f"{s.proxy_url}/health"}[component]
+        return _http_ok(url)
+
+    def port(self, base: int, instance: int) -> int:
+        """Port of an instance: instance 0 uses the setting, instance i adds i × scale_port_step."""
+        return base + instance * self.s.scale_port_step
 
     # --- process helpers ------------------------------------------------------------------
     def versions(self) -> dict[str, str]:
@@ -418,7 +444,7 @@ class Stack:
             return False
 
     # --- PostgREST -----------------------------------------------------------------------------
-    def postgrest_config(self, secrets: credentials.StackSecrets) -> str:
+    def postgrest_config(self, secrets: credentials.StackSecrets, instance: int = 0) -> str:
         s = self.s
         jwks = credentials.jwt_dir(self.state) / "jwks.json"
         return "\n".join([
@@ -433,23 +459,24 @@ class Stack:
             f'jwt-aud = "{s.jwt_audience}"',
             f"jwt-cache-max-lifetime = {s.pgrst_jwt_cache_s}",
             f'server-host = "{s.host}"',
-            f"server-port = {s.pgrst_port}",
-            f"admin-server-port = {s.pgrst_admin_port}",
+            f"server-port = {self.port(s.pgrst_port, instance)}",
+            f"admin-server-port = {self.port(s.pgrst_admin_port, instance)}",
             f'openapi-server-proxy-uri = "{s.proxy_url}"',
             'openapi-mode = "ignore-privileges"',
             'log-level = "error"',
             "",
         ])
 
-    def _start_postgrest(self, secrets: credentials.StackSecrets) -> None:
-        conf = self.state / "postgrest.conf"
-        credentials.write_private_text(conf, self.postgrest_config(secrets))
-        self._spawn("postgrest", [str(self.postgrest_bin), str(conf)])
-        admin = f"http://{self.s.host}:{self.s.pgrst_admin_port}/ready"
-        _wait("PostgREST", lambda: _http_ok(admin), 60, self.logfile("postgrest"))
+    def _start_postgrest(self, secrets: credentials.StackSecrets, instance: int = 0) -> None:
+        name = _instance_name("postgrest", instance)
+        conf = self.state / f"{name}.conf"
+        credentials.write_private_text(conf, self.postgrest_config(secrets, instance))
+        self._spawn(name, [str(self.postgrest_bin), str(conf)])
+        admin = f"http://{self.s.host}:{self.port(self.s.pgrst_admin_port, instance)}/ready"
+        _wait(f"PostgREST ({name})", lambda: _http_ok(admin), 60, self.logfile(name))
 
     # --- ext -------------------------------------------------------------------------------------
-    def ext_env(self, secrets: credentials.StackSecrets) -> dict[str, str]:
+    def ext_env(self, secrets: credentials.StackSecrets, instance: int = 0) -> dict[str, str]:
         s = self.s
         return {
             "TP_EXT_DATABASE_URL": self.authenticator_url(secrets),
@@ -464,23 +491,26 @@ class Stack:
             "TP_EXT_S3_SECRET_KEY": secrets.s3_secret_key,
             "TP_EXT_S3_REGION": s.s3_region,
             "TP_EXT_S3_BUCKET": s.bucket,
-            "TP_EXT_POSTGREST_URL": f"http://{s.host}:{s.pgrst_admin_port}",
-            "TP_EXT_POSTGREST_API_URL": s.postgrest_url,
+            "TP_EXT_POSTGREST_URL": f"http://{s.host}:{self.port(s.pgrst_admin_port, instance)}",
+            "TP_EXT_POSTGREST_API_URL": f"http://{s.host}:{self.port(s.pgrst_port, instance)}",
             "TP_EXT_ENVIRONMENT": "development",
             # prometheus_client's multiprocess mode: one directory shared by the workers
-            "PROMETHEUS_MULTIPROC_DIR": str(self.run_dir / "ext-metrics"),
+            "PROMETHEUS_MULTIPROC_DIR": str(self.run_dir / f"{_instance_name('ext', instance)}-metrics"),
         }
 
-    def _start_ext(self, secrets: credentials.StackSecrets) -> None:
-        metrics_dir = Path(self.ext_env(secrets)["PROMETHEUS_MULTIPROC_DIR"])
+    def _start_ext(self, secrets: credentials.StackSecrets, instance: int = 0) -> None:
+        name = _instance_name("ext", instance)
+        env = self.ext_env(secrets, instance)
+        port = self.port(self.s.ext_port, instance)
+        metrics_dir = Path(env["PROMETHEUS_MULTIPROC_DIR"])
         shutil.rmtree(metrics_dir, ignore_errors=True)  # stale files of a previous run
         metrics_dir.mkdir(parents=True)
         uvicorn = shutil.which("uvicorn", path=str(self.venv_bin)) or "uvicorn"
-        argv = [uvicorn, "ext.main:app", "--host", self.s.host, "--port", str(self.s.ext_port),
+        argv = [uvicorn, "ext.main:app", "--host", self.s.host, "--port", str(port),
                 "--workers", str(self.s.ext_workers), "--no-access-log", "--proxy-headers",
                 "--forwarded-allow-ips", self.s.host, "--app-dir", str(REPO_ROOT)]
-        self._spawn("ext", argv, env=self.ext_env(secrets))
-        _wait("ext", lambda: _http_ok(f"http://{self.s.host}:{self.s.ext_port}/health"), 60, self.logfile("ext"))
+        self._spawn(name, argv, env=env)
+        _wait(f"ext ({name})", lambda: _http_ok(f"http://{self.s.host}:{port}/health"), 60, self.logfile(name))
 
     # --- nginx -------------------------------------------------------------------------------------
     def nginx_vars(self) -> dict[str, str]:
@@ -493,14 +523,26 @@ class Stack:
             "TP_NGINX_USER_DIRECTIVE": f"user {self.s.pg_os_user};" if ids else "",
             "TP_NGINX_ACCESS_LOG": str(self.logs / "nginx-access.log"),
             "TP_PROXY_LISTEN": f"{s.host}:{s.proxy_port}",
-            "TP_PGRST_UPSTREAM": f"{s.host}:{s.pgrst_port}",
-            "TP_EXT_UPSTREAM": f"{s.host}:{s.ext_port}",
+            "TP_PGRST_UPSTREAM": self._upstream(s.pgrst_port),
+            "TP_EXT_UPSTREAM": self._upstream(s.ext_port),
             "TP_MAX_API_BODY": s.max_api_body,
             "TP_MAX_UPLOAD_BODY": s.max_upload_body,
             "TP_AUTH_RATE": s.auth_rate,
             "TP_AUTH_BURST": str(s.auth_burst),
             "TP_CORS_ORIGIN_REGEX": s.cors_origin_regex,
         }
+
+    def _upstream(self, base: int) -> str:
+        """host:port of each instance, for the template's `server ${…} max_fails=0;` line: with
+        scale N the value itself continues with `max_fails=0; server host:port` N-1 times."""
+        servers = [f"{self.s.host}:{self.port(base, i)}" for i in range(self.s.scale)]
+        return " max_fails=0; server ".join(servers)
+
+    def _reload_nginx(self) -> None:
+        pid = self._pid("nginx")
+        if pid is not None:
+            self.render_nginx()
+            os.kill(pid, signal.SIGHUP)
 
     def render_nginx(self) -> Path:
         nginx_dir = self.state / "nginx"
@@ -580,3 +622,13 @@ def _traversable_by(path: Path, uid: int, gid: int) -> bool:
         if not ok:
             return False
     return True
+
+
+def _split_instance(name: str) -> tuple[str, int]:
+    """"ext-1" → ("ext", 1); "ext" → ("ext", 0)."""
+    component, _, index = name.partition("-")
+    return (component, int(index)) if index.isdigit() else (name, 0)
+
+
+def _instance_name(component: str, instance: int) -> str:
+    return component if instance == 0 else f"{component}-{instance}"

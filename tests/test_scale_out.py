@@ -1,0 +1,100 @@
+"""Scale-out: with TP_SCALE=2 nginx balances two PostgREST and two ext instances, and the
+product's flows keep working when one instance of each is killed mid-run — nothing in
+them holds state (tokens, uploads and streams are all in PostgreSQL and S3)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.bundles import bundle
+from tests.conftest import free_ports
+from tracepipe.settings import REPO_ROOT, StackSettings
+from tracepipe.stack import Stack
+
+
+@pytest.fixture(scope="module")
+def scaled() -> Iterator[Stack]:
+    state = Path(tempfile.mkdtemp(prefix="tp-scale-"))
+    st = Stack(StackSettings(state_dir=state, tools_dir=REPO_ROOT / ".tools", scale=2, **free_ports(scale=2)))
+    try:
+        st.up()
+        yield st
+    finally:
+        st.down()
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def _flow(base: str, n: int) -> dict[str, Any]:
+    """Signup, suite, action, session upload and download, example registration and stream."""
+    with httpx.Client(base_url=base, timeout=30) as c:
+        email = f"scale-{n}-{threading.get_ident()}-{hashlib.md5(str(n).encode()).hexdigest()[:6]}@example.test"
+        r = c.post("/auth/signup", json={"email": email, "password": "a long password"})
+        assert r.status_code == 201, r.text
+        c.headers["Authorization"] = f"Bearer {r.json()['access_token']}"
+        suite = c.post("/suites", json={"name": email, "slug": email.split("@")[0]},
+                       headers={"Prefer": "return=representation", "Accept": "application/vnd.pgrst.object+json"})
+        assert suite.status_code == 201, suite.text
+        sid = suite.json()["id"]
+        assert c.post(f"/suites/{sid}/actions", json={"name": "click"}).status_code == 201
+        data = bundle(n_events=50, screenshots=1)
+        session = c.post("/sessions", content=data, headers={"Content-Type": "application/zip"})
+        assert session.status_code == 201, session.text
+        assert c.get(f"/sessions/{session.json()['id']}/bundle").content == data
+        lines = b"".join(json.dumps({"messages": [{"role": "user", "content": f"hi {i}"}]}).encode() + b"\n"
+                         for i in range(5))
+        example = c.post("/examples", params={"suite_id": sid, "model": "m"}, content=lines,
+                         headers={"Content-Type": "application/jsonl"})
+        assert example.status_code == 201, example.text
+        assert c.get(f"/examples/{example.json()['id']}/messages",
+                     headers={"Accept-Encoding": "identity"}).content == lines
+        assert c.get(f"/suites/{sid}/actions").json()[0]["name"] == "click"
+        return {"suite": sid}
+
+
+def test_two_instances_of_each_serve_behind_nginx(scaled: Stack) -> None:
+    names = [st.name for st in scaled.status()]
+    assert {"postgrest", "postgrest-1", "ext", "ext-1"} <= set(names)
+    assert all(st.healthy for st in scaled.status())
+    conf = (scaled.state / "nginx" / "tracepipe" / "tracepipe.conf").read_text()
+    assert conf.count(f"server {scaled.s.host}:") >= 4
+
+
+def test_flows_survive_killing_one_instance_of_each(scaled: Stack) -> None:
+    base = scaled.s.proxy_url
+    errors: list[str] = []
+    done = threading.Event()
+
+    def background() -> None:
+        with httpx.Client(base_url=base, timeout=30) as c:
+            while not done.is_set():
+                r = c.get("/.well-known/jwks.json")
+                if r.status_code != 200:
+                    errors.append(f"jwks {r.status_code}")
+
+    thread = threading.Thread(target=background)
+    thread.start()
+    try:
+        for n in range(3):
+            _flow(base, n)
+        scaled.stop_component("ext-1", grace=0.5)
+        scaled.stop_component("postgrest-1", grace=0.5)
+        for n in range(3, 8):
+            _flow(base, n)
+    finally:
+        done.set()
+        thread.join()
+    assert len(errors) <= 2, errors  # at most the requests in flight on a killed instance
+    scaled.start_component("ext-1")
+    scaled.start_component("postgrest-1")
+    assert all(st.healthy for st in scaled.status())
+    _flow(base, 99)

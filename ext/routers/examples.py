@@ -21,7 +21,7 @@ from typing import Annotated, Any, Literal
 import psycopg
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.encoders import jsonable_encoder
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from psycopg.types.json import Jsonb
 from pydantic import BaseModel, Field, ValidationError
 
@@ -29,8 +29,8 @@ from ext.db import as_caller
 from ext.deps import CallerDep, PoolDep, RequestIdDep, SettingsDep, StoreDep
 from ext.errors import ApiError
 from ext.jsonl import LineValidator
-from ext.routers.sessions import stream_object
 from ext.storage import Upload
+from ext.streaming import PrimedStreamingResponse, stream_object
 from ext.uploads import (
     HashSink,
     body_kind,
@@ -298,7 +298,7 @@ async def export_examples(
             if tail and tail != b"\n":
                 yield b"\n"
 
-    return StreamingResponse(body(), media_type="application/jsonl", headers=headers)
+    return PrimedStreamingResponse(body(), media_type="application/jsonl", headers=headers)
 
 
 @router.get("/examples/{example_id}/messages", summary="The example's JSONL, byte-identical (Range, ETag, gzip)")
@@ -316,14 +316,14 @@ async def stream_messages(
         start, end = _line_range(lines)
         chunks = _select_lines(store.stream(key), start, end)
         if _accepts_gzip(accept_encoding):
-            return StreamingResponse(_gzip(chunks), media_type="application/jsonl",
+            return PrimedStreamingResponse(_gzip(chunks), media_type="application/jsonl",
                                      headers={"Content-Encoding": "gzip", "Vary": "Accept-Encoding"})
-        return StreamingResponse(chunks, media_type="application/jsonl", headers={"Vary": "Accept-Encoding"})
+        return PrimedStreamingResponse(chunks, media_type="application/jsonl", headers={"Vary": "Accept-Encoding"})
     if _accepts_gzip(accept_encoding) and range_header is None:
         gz_etag = f'"{row["sha256"]}-gzip"'
         if if_none_match and gz_etag in [t.strip() for t in if_none_match.split(",")]:
             return Response(status_code=304, headers={"ETag": gz_etag})
-        return StreamingResponse(_gzip(store.stream(key)), media_type="application/jsonl",
+        return PrimedStreamingResponse(_gzip(store.stream(key)), media_type="application/jsonl",
                                  headers={"Content-Encoding": "gzip", "ETag": gz_etag, "Vary": "Accept-Encoding"})
     return stream_object(store, key, row["size_bytes"], etag, "application/jsonl", range_header, if_none_match,
                          {"Vary": "Accept-Encoding"})

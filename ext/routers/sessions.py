@@ -18,17 +18,16 @@ from typing import Annotated, Any
 import psycopg
 from fastapi import APIRouter, Header, Request, Response
 from fastapi.encoders import jsonable_encoder
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from psycopg.types.json import Jsonb
 from starlette.concurrency import run_in_threadpool
-from starlette.types import Receive, Scope, Send
 
 from ext import bundles
 from ext.db import as_caller
 from ext.deps import CallerDep, PoolDep, RequestIdDep, SettingsDep, StoreDep
-from ext.errors import ApiError, unavailable
+from ext.errors import ApiError
 from ext.maintenance import drain_deletions
-from ext.storage import STORE_ERRORS
+from ext.streaming import PrimedStreamingResponse, stream_object
 from ext.uploads import (
     HashSink,
     body_kind,
@@ -147,71 +146,6 @@ async def _visible_session(pool: PoolDep, caller: dict[str, Any], rid: str | Non
     if row is None:
         raise not_found()
     return dict(row)
-
-
-def _parse_range(header: str | None, size: int) -> tuple[int, int] | None:
-    """(start, end) inclusive for a single satisfiable range, None for the whole object."""
-    if not header:
-        return None
-    unit, _, spec = header.partition("=")
-    if unit.strip().lower() != "bytes" or "," in spec:
-        return None  # multiple ranges: answer the whole object (allowed by RFC 9110)
-    first, _, last = spec.strip().partition("-")
-    try:
-        if first == "":
-            length = int(last)
-            if length <= 0:
-                raise ValueError
-            start, end = max(size - length, 0), size - 1
-        else:
-            start = int(first)
-            end = min(int(last), size - 1) if last else size - 1
-    except ValueError:
-        raise ApiError(416, "TP416", "invalid Range header", header, headers={"Content-Range": f"bytes */{size}"})\
-            from None
-    if start >= size or end < start:
-        raise ApiError(416, "TP416", "range not satisfiable", header, headers={"Content-Range": f"bytes */{size}"})
-    return start, end
-
-
-class PrimedStreamingResponse(StreamingResponse):
-    """Reads the first chunk before the status line goes out: an object store that is down
-    then answers 503 with the error body (through the app's handlers), not a 200 cut short."""
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        chunks = self.body_iterator.__aiter__()
-        try:
-            first: bytes | str | memoryview | None = await chunks.__anext__()
-        except StopAsyncIteration:
-            first = None
-        except STORE_ERRORS as e:
-            raise unavailable("object storage") from e
-
-        async def primed() -> AsyncIterator[bytes | str | memoryview]:
-            if first is not None:
-                yield first
-            async for chunk in chunks:
-                yield chunk
-
-        self.body_iterator = primed()
-        await super().__call__(scope, receive, send)
-
-
-def stream_object(store: StoreDep, key: str, size: int, etag: str, media_type: str, range_header: str | None,
-                  if_none_match: str | None, extra_headers: dict[str, str] | None = None) -> Response:
-    """A stored object as an HTTP response: ETag, Content-Length, single Range, 304."""
-    headers = {"ETag": etag, "Accept-Ranges": "bytes", **(extra_headers or {})}
-    if if_none_match and etag in [t.strip() for t in if_none_match.split(",")]:
-        return Response(status_code=304, headers=headers)
-    byte_range = _parse_range(range_header, size)
-    if byte_range is None:
-        headers["Content-Length"] = str(size)
-        return PrimedStreamingResponse(store.stream(key), media_type=media_type, headers=headers)
-    start, end = byte_range
-    headers["Content-Length"] = str(end - start + 1)
-    headers["Content-Range"] = f"bytes {start}-{end}/{size}"
-    return PrimedStreamingResponse(store.stream(key, start, end), status_code=206, media_type=media_type,
-                                   headers=headers)
 
 
 @router.get("/sessions/{session_id}/bundle", summary="The stored bundle, byte-identical (Range, ETag)")

@@ -28,9 +28,8 @@ async def drain_deletions(pool: AsyncConnectionPool, store: ObjectStore, batch: 
         prefixes = [r["prefix"] for r in await cur.fetchall()]
     done = 0
     for prefix in prefixes:
-        before = store.pending_cleanups
-        await store.delete_prefix(prefix)
-        if store.pending_cleanups == before:
+        # the outbox row is the retry record: nothing goes to the in-memory queue
+        if await store.delete_prefix(prefix, retry_later=False):
             async with as_identity_service(pool) as conn:
                 await conn.execute("select auth.finish_object_deletion(%s)", [prefix])
             done += 1

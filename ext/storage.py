@@ -15,7 +15,6 @@ import contextlib
 import hashlib
 import io
 import logging
-from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -78,7 +77,8 @@ class ObjectStore:
         self.bucket = settings.s3_bucket
         self.part_size = settings.upload_part_bytes
         self.chunk = settings.stream_chunk_bytes
-        self._cleanup: deque[tuple[str, str, str | None]] = deque()  # (op, key, upload_id)
+        # failed cleanups to retry: (op, key, upload_id); a dict keeps them unique and ordered
+        self._cleanup: dict[tuple[str, str, str | None], None] = {}
 
     async def _call(self, fn: Any, **kwargs: Any) -> Any:
         try:
@@ -93,42 +93,51 @@ class ObjectStore:
     def uploader(self, key: str, max_bytes: int) -> Upload:
         return Upload(self, key, max_bytes)
 
-    async def delete(self, key: str) -> None:
+    async def delete(self, key: str, retry_later: bool = True) -> bool:
+        """Deletes the object; True when done. A failure is queued for retry unless the
+        caller keeps track itself (retry_later=False)."""
         try:
             await self._call(self.client.delete_object, Key=key)
+            return True
         except ApiError:
-            self._cleanup.append(("delete", key, None))
+            if retry_later:
+                self._cleanup[("delete", key, None)] = None
+            return False
 
-    async def delete_prefix(self, prefix: str) -> None:
+    async def delete_prefix(self, prefix: str, retry_later: bool = True) -> bool:
         try:
             keys = [o["Key"] async for o in self.list_objects(prefix)]
-            for key in keys:
-                await self.delete(key)
         except ApiError:
-            self._cleanup.append(("delete_prefix", prefix, None))
+            if retry_later:
+                self._cleanup[("delete_prefix", prefix, None)] = None
+            return False
+        results = [await self.delete(key, retry_later) for key in keys]
+        return all(results)
 
-    async def abort(self, key: str, upload_id: str) -> None:
+    async def abort(self, key: str, upload_id: str) -> bool:
         try:
             await self._call(self.client.abort_multipart_upload, Key=key, UploadId=upload_id)
+            return True
         except botocore.exceptions.ClientError as e:
-            if not is_not_found(e):
-                self._cleanup.append(("abort", key, upload_id))
+            if is_not_found(e):
+                return True
+            self._cleanup[("abort", key, upload_id)] = None
         except ApiError:
-            self._cleanup.append(("abort", key, upload_id))
+            self._cleanup[("abort", key, upload_id)] = None
+        return False
 
     async def retry_cleanups(self) -> int:
         """Retries the deletes and aborts that failed (e.g. while the store was down)."""
         done = 0
-        for _ in range(len(self._cleanup)):
-            op, key, upload_id = self._cleanup.popleft()
-            before = len(self._cleanup)
+        for op, key, upload_id in list(self._cleanup):
+            del self._cleanup[(op, key, upload_id)]
             if op == "delete":
-                await self.delete(key)
+                ok = await self.delete(key)
             elif op == "delete_prefix":
-                await self.delete_prefix(key)
-            elif upload_id is not None:
-                await self.abort(key, upload_id)
-            done += len(self._cleanup) == before
+                ok = await self.delete_prefix(key)
+            else:
+                ok = upload_id is not None and await self.abort(key, upload_id)
+            done += ok
         return done
 
     @property

@@ -44,3 +44,12 @@ analysts: $(STAMP)  ## list the analysts, their suites and open sessions
 
 bench: $(STAMP)  ## the benchmark suite on a throwaway stack (QUICK=1: a ~2-minute subset); writes bench/results/
 	$(VENV)/bin/python -m bench.run $(if $(filter 1 yes true,$(QUICK)),--quick)
+
+.PHONY: demo
+demo: $(STAMP)  ## load a realistic sample into the running stack (make up first); prints how to sign in
+	$(TP) demo
+
+.PHONY: soak
+soak: $(STAMP)  ## 5 min of 100 users on a throwaway stack (MINUTES=n), then fuzzing with FUZZ_EXAMPLES=100 per operation
+	$(VENV)/bin/python -m loadtest.run --minutes $(or $(MINUTES),5)
+	TP_FUZZ_EXAMPLES=$(or $(FUZZ_EXAMPLES),100) $(VENV)/bin/pytest -q -p no:cacheprovider tests/test_fuzz.py

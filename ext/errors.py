@@ -16,6 +16,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from psycopg_pool import PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger("ext.errors")
 
@@ -68,6 +70,12 @@ def from_db_error(e: psycopg.Error) -> ApiError:
             return ApiError(400, "PGRST", diag.message_primary or "error")
     if isinstance(e, psycopg.OperationalError) and not state:
         return unavailable("database")
+    if isinstance(e, psycopg.DataError) and not state:
+        # refused by psycopg before it reached the server: a value PostgreSQL cannot hold,
+        # such as a NUL character in text (PostgREST answers 22P05 for the same input)
+        nul = "NUL" in str(e)
+        return ApiError(400, "22P05" if nul else "22000", str(e), None,
+                        "Remove NUL (\\u0000) characters from the request." if nul else None)
     return ApiError(_status_for_sqlstate(state), state or "TP500", diag.message_primary or str(e),
                     diag.message_detail, diag.message_hint)
 
@@ -97,7 +105,14 @@ def install(app: FastAPI) -> None:
         if first.get("type") == "json_invalid":
             return ApiError(400, "TP400", "malformed JSON body", first.get("msg")).response()
         return ApiError(422 if errors else 400, "TP422", f"invalid request: {where or 'body'}: {first.get('msg', '')}",
-                        json.loads(json.dumps(errors, default=str))).response()
+                        _printable(errors)).response()
+
+    @app.exception_handler(UnicodeEncodeError)
+    async def _surrogates(_: Request, e: UnicodeEncodeError) -> JSONResponse:
+        # a lone surrogate ("\\ud800" in a JSON string) that no validator looked at, met
+        # when the value is encoded for the database or a password hash
+        return ApiError(400, "TP400", "invalid Unicode in the request", str(e),
+                        "Strings must not contain lone UTF-16 surrogates.").response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:
@@ -107,3 +122,49 @@ def install(app: FastAPI) -> None:
     async def _unexpected(_: Request, e: Exception) -> JSONResponse:
         log.exception("unexpected error")
         return ApiError(500, "TP500", "internal error").response()
+
+    app.add_middleware(LastResort)
+
+
+def _printable(errors: Any) -> Any:
+    """Validation errors echo the input, which may hold lone surrogates (`"\\ud800"` is valid
+    JSON, not valid Unicode) that cannot be encoded into the error body: they become "?"."""
+    text = json.dumps(errors, default=str, ensure_ascii=False)
+    return json.loads(text.encode("utf-8", "replace"))
+
+
+class LastResort:
+    """ASGI middleware inside the request log, so its lines carry the request id.
+
+    An exception no handler took becomes the 500 error body here, without reaching uvicorn:
+    uvicorn closes a connection whose request raised, and nginx, which keeps connections to
+    ext alive, would see the next request on it reset and answer 502. A client that went
+    away before its body was read is no error of ours: one info line, and 499 (nginx's
+    "client closed request") for the access log; there is nobody left to answer."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except ClientDisconnect:
+            log.info("client disconnected before the request body was read: %s %s", scope["method"], scope["path"])
+            if not started:
+                await send({"type": "http.response.start", "status": 499, "headers": []})
+                await send({"type": "http.response.body", "body": b""})
+        except Exception:
+            if started:
+                raise  # the body is cut short: only closing the connection tells the client
+            log.exception("unexpected error")
+            await ApiError(500, "TP500", "internal error").response()(scope, receive, send)

@@ -195,13 +195,30 @@ def _operation(op: Doc, consumes: list[str], produces: list[str]) -> Doc:
     return out
 
 
+def _nullable_columns(definitions: Doc) -> Doc:
+    """Swagger 2.0 cannot say null: a column PostgREST does not list as required (every
+    column of a view: PostgreSQL knows no NOT NULL there) may be null, as OpenAPI 3.1 says it."""
+    for schema in definitions.values():
+        required = set(schema.get("required", []))
+        for name, prop in schema.get("properties", {}).items():
+            if name not in required and isinstance(prop.get("type"), str):
+                prop["type"] = [prop["type"], "null"]
+    return definitions
+
+
+def _rows(table: str, description: str) -> Doc:
+    schema = {"type": "array", "items": {"$ref": f"#/components/schemas/{table}"}}
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
 def swagger2_to_openapi3(swagger: Doc) -> Doc:
     """PostgREST's Swagger 2.0 as an OpenAPI 3 document (paths and components only matter)."""
     body_params = {name for name, p in swagger.get("parameters", {}).items() if p.get("in") == "body"}
     doc = _rewrite_refs(swagger, body_params)
     consumes = doc.get("consumes", ["application/json"])
     produces = doc.get("produces", ["application/json"])
-    components: Doc = {"schemas": doc.get("definitions", {}), "parameters": {}, "requestBodies": {}}
+    components: Doc = {"schemas": _nullable_columns(doc.get("definitions", {})), "parameters": {},
+                       "requestBodies": {}}
     for name, p in doc.get("parameters", {}).items():
         if name in body_params:
             components["requestBodies"][name] = _request_body(p, consumes)
@@ -217,6 +234,12 @@ def swagger2_to_openapi3(swagger: Doc) -> Doc:
                 for tag in op.get("tags", []):
                     tags.setdefault(tag, op.get("summary", ""))
                 op["summary"] = TABLE_SUMMARIES.get(method, op.get("summary", ""))
+                # PATCH and DELETE answer 200 and the rows with `Prefer: return=representation`,
+                # which Swagger omits. (POST answers 201 either way, with or without a body: its
+                # body cannot be documented as optional, so it is left undocumented.)
+                if method in ("patch", "delete"):
+                    op.setdefault("responses", {}).setdefault(
+                        "200", _rows(table, "With `Prefer: return=representation`: the rows"))
     return {"openapi": OPENAPI_VERSION, "info": doc.get("info", {"title": "PostgREST", "version": ""}),
             "tags": [{"name": n, "description": d} for n, d in tags.items()],
             "paths": paths, "components": components}

@@ -1,9 +1,17 @@
 """Data integrity: every row's object exists with the recorded size and sha256, and every
-object has a row. Run by `tracepipe scrub`; reads every object once (streaming)."""
+object has a row. Run by `tracepipe scrub`; reads every object once (streaming).
+
+Memory holds the object listing (key and size), never the rows: they come in pages of
+PAGE_ROWS (auth.object_manifest, keyset-paged). The listing is taken first, so a row
+committed after it began (an upload finishing meanwhile) may have an object the listing
+missed: such a row's object is looked up on its own before it is reported missing. (An
+upload writes its object before its row's transaction starts, so an older row's object,
+if it exists, is in the listing.)"""
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,6 +21,7 @@ from ext.db import as_identity_service
 from ext.storage import ObjectStore
 
 OBJECT_NAMES = {"sessions": "bundle.zip", "examples": "messages.jsonl"}
+PAGE_ROWS = 5000
 
 
 @dataclass
@@ -34,30 +43,55 @@ class ScrubReport:
                 "objects_without_row": self.objects_without_row}
 
 
-async def scrub(pool: AsyncConnectionPool, store: ObjectStore, verify_digests: bool = True,
-                limit: int | None = None) -> ScrubReport:
+async def _rows(pool: AsyncConnectionPool, kind: str) -> AsyncIterator[dict[str, Any]]:
+    """Every row of a kind, in id order, one short transaction per page."""
+    after = None
+    while True:
+        async with as_identity_service(pool) as conn:
+            cur = await conn.execute("select id, size_bytes, sha256, created_at from auth.object_manifest(%s, %s, %s)",
+                                     [kind, after, PAGE_ROWS])
+            page = await cur.fetchall()
+        for row in page:
+            yield row
+        if len(page) < PAGE_ROWS:
+            return
+        after = page[-1]["id"]
+
+
+async def _digest(store: ObjectStore, key: str) -> str:
+    digest = hashlib.sha256()
+    async for chunk in store.stream(key):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+async def scrub(pool: AsyncConnectionPool, store: ObjectStore, verify_digests: bool = True) -> ScrubReport:
     report = ScrubReport()
     async with as_identity_service(pool) as conn:
-        cur = await conn.execute("select kind, id, size_bytes, sha256 from auth.object_manifest()")
-        rows = await cur.fetchall()
-    expected = {f"{r['kind']}/{r['id']}/{OBJECT_NAMES[r['kind']]}": r for r in rows}
+        listed_at = (await (await conn.execute("select clock_timestamp() as t")).fetchone() or {})["t"]
     stored: dict[str, int] = {}
-    for prefix in ("sessions/", "examples/"):
+    for prefix in (f"{kind}/" for kind in OBJECT_NAMES):
         async for obj in store.list_objects(prefix):
             stored[obj["Key"]] = int(obj["Size"])
-    for key, row in list(expected.items())[:limit]:
-        report.checked += 1
-        if key not in stored:
-            report.rows_without_object.append(key)
-            continue
-        if stored[key] != row["size_bytes"]:
-            report.size_mismatch.append(key)
-            continue
-        if verify_digests:
-            digest = hashlib.sha256()
-            async for chunk in store.stream(key):
-                digest.update(chunk)
-            if digest.hexdigest() != row["sha256"]:
-                report.digest_mismatch.append(key)
-    report.objects_without_row = sorted(k for k in stored if k not in expected)
+    for kind, name in OBJECT_NAMES.items():
+        async for row in _rows(pool, kind):
+            key = f"{kind}/{row['id']}/{name}"
+            report.checked += 1
+            size = stored.pop(key, None)
+            if size is None and row["created_at"] >= listed_at:  # newer than the listing: look
+                head = await store.head(key)
+                size = None if head is None else int(head["ContentLength"])
+            if size is None:
+                report.rows_without_object.append(key)
+            else:
+                await _check(store, key, size, row, verify_digests, report)
+    report.objects_without_row = sorted(stored)
     return report
+
+
+async def _check(store: ObjectStore, key: str, size: int, row: dict[str, Any], verify_digests: bool,
+                 report: ScrubReport) -> None:
+    if size != row["size_bytes"]:
+        report.size_mismatch.append(key)
+    elif verify_digests and await _digest(store, key) != row["sha256"]:
+        report.digest_mismatch.append(key)

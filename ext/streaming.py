@@ -5,6 +5,7 @@ object store that is down answers 503 with the error body instead of a 200 cut s
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import Response
 from fastapi.responses import StreamingResponse
@@ -12,6 +13,18 @@ from starlette.types import Receive, Scope, Send
 
 from ext.errors import ApiError, unavailable
 from ext.storage import STORE_ERRORS, ObjectStore
+
+
+def documented(media_type: str, *, ranges: bool = True,
+               description: str = "The object, byte-identical") -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI responses of a route that streams an object (with `response_class=Response`;
+    FastAPI would otherwise document a JSON body)."""
+    body = {"content": {media_type: {"schema": {"type": "string", "format": "binary"}}}}
+    out: dict[int | str, dict[str, Any]] = {200: {"description": description, **body}}
+    if ranges:
+        out[206] = {"description": "The requested byte range (Range)", **body}
+        out[304] = {"description": "Not modified (If-None-Match names the current ETag)"}
+    return out
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:

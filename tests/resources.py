@@ -85,3 +85,15 @@ def established_to_port(pids: list[int], port: int) -> int:
             if parts[3] == "01" and remote_port == port and parts[9] in inodes:
                 count += 1
     return count
+
+
+def pss_bytes(pid: int) -> int:
+    """Proportional set size (shared pages split between the processes sharing them), so a
+    component's processes can be summed without counting shared memory twice."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0

@@ -300,3 +300,11 @@ def test_membership_through_an_editor_token_view(owner: User, make_user: Callabl
     seen = editor.client.get("/users", params={"id": f"eq.{owner.id}"}).json()
     assert [u["id"] for u in seen] == [owner.id]
     assert "password_hash" not in str(seen)
+
+
+def test_a_taken_slug_is_a_conflict_with_or_without_representation(owner: User) -> None:
+    first = create_suite(owner)
+    for headers in ({}, {"Prefer": "return=representation"}, OBJECT):
+        r = owner.client.post("/suites", json={"name": "again", "slug": first["slug"]}, headers=headers)
+        assert r.status_code == 409, (headers, r.text)
+        assert assert_error_body(r)["code"] == "23505"

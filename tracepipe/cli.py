@@ -1,23 +1,36 @@
-"""`tracepipe`: run and operate the local stack.
+"""`tracepipe`: run and operate the local stack; `cli_api` adds the commands for users of a
+running stack (key, suite, session, example, demo), which talk HTTP.
 
 Errors are one readable line on stderr and a non-zero exit code: 1 for a failed
-operation, 2 for wrong usage (argparse).
+operation, 2 for wrong usage (argparse), 3 when the server cannot be reached or
+authentication failed (`cli_api.EPILOG`).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import getpass
+import json
 import os
 import signal
 import sys
-from typing import Any
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 
-from tracepipe import analysts, credentials, migrate
+from tracepipe import analysts, cli_api, credentials, migrate
 from tracepipe.settings import StackSettings
 from tracepipe.stack import COMPONENTS, Stack, StackError
+
+if TYPE_CHECKING:  # ext is imported only by the commands that run its code
+    from psycopg_pool import AsyncConnectionPool
+
+    from ext.config import ExtSettings
+    from ext.storage import ObjectStore
 
 
 def _stack() -> Stack:
@@ -135,30 +148,34 @@ def cmd_user_disable(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_sweep(args: argparse.Namespace) -> int:
-    """ext's maintenance sweep, once, against the stack's database and object store: drain
-    the deletion outbox, abort stale multipart uploads, remove objects without a row older
-    than the grace period, expire idempotency records. Prints the report as one JSON line."""
-    import asyncio
-    import json
-    from datetime import timedelta
-
-    from ext import maintenance
+@asynccontextmanager
+async def _ext_services() -> AsyncIterator[tuple[ExtSettings, AsyncConnectionPool, ObjectStore]]:
+    """ext's settings, database pool and object store for the local stack, as `tracepipe up`
+    configures ext: for the commands that run ext's maintenance code once, from here."""
     from ext.config import ExtSettings
     from ext.db import make_pool
     from ext.storage import ObjectStore, make_client
 
-    if args.grace_seconds is not None and args.grace_seconds < 0:
-        raise StackError("--grace-seconds must be 0 or more")
     stack = _stack()
     secrets = credentials.load_or_create(stack.state)
     values: dict[str, Any] = {k.removeprefix("TP_EXT_").lower(): v for k, v in stack.ext_env(secrets).items()}
     settings = ExtSettings(**values)
+    async with make_pool(settings) as pool:
+        yield settings, pool, ObjectStore(make_client(settings), settings)
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """ext's maintenance sweep, once, against the stack's database and object store: drain
+    the deletion outbox, abort stale multipart uploads, remove objects without a row older
+    than the grace period, expire idempotency records. Prints the report as one JSON line."""
+    from ext import maintenance
+
+    if args.grace_seconds is not None and args.grace_seconds < 0:
+        raise StackError("--grace-seconds must be 0 or more")
     grace = timedelta(seconds=args.grace_seconds) if args.grace_seconds is not None else None
 
     async def run() -> dict[str, int]:
-        async with make_pool(settings) as pool:
-            store = ObjectStore(make_client(settings), settings)
+        async with _ext_services() as (settings, pool, store):
             report = await maintenance.sweep(pool, store, settings, grace)
             if store.pending_cleanups:
                 raise StackError(f"{store.pending_cleanups} cleanup(s) failed (is the object store up?)")
@@ -166,6 +183,22 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     print(json.dumps(asyncio.run(run()), sort_keys=True))
     return 0
+
+
+def cmd_scrub(args: argparse.Namespace) -> int:
+    """Every session bundle and example object against its row: present, the recorded size
+    and (unless --no-digests) the recorded sha256; and every object has a row. Prints the
+    JSON report; exit code 1 when anything is off."""
+    from ext.scrub import scrub
+
+    async def run() -> dict[str, Any]:
+        async with _ext_services() as (_, pool, store):
+            return (await scrub(pool, store, verify_digests=not args.no_digests)).as_dict()
+
+    report = asyncio.run(run())
+    json.dump(report, sys.stdout, indent=2)  # written piece by piece: the lists can be long
+    print()
+    return 0 if report["ok"] else 1
 
 
 def cmd_seed_examples(args: argparse.Namespace) -> int:
@@ -182,7 +215,8 @@ ROLES = {"user": "tp_user", "pipeline": "tp_pipeline", "admin": "tp_admin"}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tracepipe", description="Run and operate the Tracepipe stack.")
+    parser = argparse.ArgumentParser(prog="tracepipe", description="Run and operate the Tracepipe stack.",
+                                     epilog=cli_api.EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("up", help="start the whole local stack (installs and migrates as needed), print its URL"
                    ).set_defaults(func=cmd_up)
@@ -214,6 +248,11 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--grace-seconds", type=int, default=None,
                        help="only objects older than this (default: ext's TP_EXT_ORPHAN_GRACE_S, 3600)")
     sweep.set_defaults(func=cmd_sweep)
+    scrub = sub.add_parser("scrub", help="verify every stored object against its row (size, sha256) and report "
+                           "orphans both ways; prints a JSON report, exit code 1 when anything is off")
+    scrub.add_argument("--no-digests", action="store_true",
+                       help="check presence and size only (no object is read)")
+    scrub.set_defaults(func=cmd_scrub)
     user = sub.add_parser("user", help="manage accounts (operators)")
     user_sub = user.add_subparsers(dest="user_command", required=True, metavar="ACTION")
     create = user_sub.add_parser("create", help="create an account; prints its id")
@@ -228,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     disable.add_argument("--enable", action="store_true", help="enable it again instead")
     disable.set_defaults(func=cmd_user_disable)
     analysts.register(sub)
+    cli_api.register(sub)
     return parser
 
 

@@ -281,6 +281,18 @@ class Client:
         self._api_key = None
         self._store(pair)
 
+    def signup(self, email: str, password: str, display_name: str | None = None) -> dict[str, Any]:
+        """Creates an account and signs in as it (like `login`); answers the new account
+        ({id, email, display_name}). An existing email is TracepipeError 409."""
+        body = {"email": email, "password": password, "display_name": display_name}
+        r = self._once(lambda: self._http.post("/auth/signup", json={k: v for k, v in body.items()
+                                                                      if v is not None}), "/auth/signup")
+        _raise_for(r)
+        pair = dict(r.json())
+        self._api_key = None
+        self._store(pair)
+        return {k: pair.get(k) for k in ("id", "email", "display_name")}
+
     def logout(self) -> None:
         """Ends this login server side (the refresh token family too) and forgets the tokens."""
         body = {"refresh_token": self._refresh_token} if self._refresh_token else None

@@ -24,7 +24,8 @@ def seed_examples(owner_url: str, rows: int = 1_000_000, suites: int = 1000, mod
         conn.execute(
             "insert into app.suites (name, slug, created_by) "
             "select %(p)s || ' suite ' || i, %(p)s || '-suite-' || lpad(i::text, 4, '0'), %(owner)s "
-            "from generate_series(0, %(n)s - 1) i on conflict (slug) do nothing",
+            "from generate_series(0, %(n)s - 1) i "
+            "where not exists (select from app.suites s where s.slug = %(p)s || '-suite-' || lpad(i::text, 4, '0'))",
             {"p": prefix, "owner": owner[0], "n": suites})
         have = conn.execute("select count(*) from app.examples e join app.suites s on s.id = e.suite_id "
                             "where s.slug like %s", [f"{prefix}-suite-%"]).fetchone()

@@ -412,6 +412,9 @@ class Stack:
             f"-filer.localSocket={self.run_dir}/weed-filer.sock", f"-s3.localSocket={self.run_dir}/weed-s3.sock",
             "-volume.max=0", "-master.volumeSizeLimitMB=1024", "-volume.index=memory",
             "-master.volumePreallocate=false", "-s3.iam=false",
+            # One master, no peers: the default 10 s raft election timeout only delayed a
+            # restart on an existing state dir (S3 answered ~12 s after start). No telemetry.
+            "-master.electionTimeout=1s", "-master.telemetry=false",
         ]
 
     def _start_seaweedfs(self, secrets: credentials.StackSecrets) -> None:

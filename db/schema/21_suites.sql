@@ -21,10 +21,12 @@ create or replace function app.make_creator_owner() returns trigger
     set search_path = ''
 as $$
 begin
-    -- BEFORE triggers run before ON CONFLICT is resolved: when the row will conflict (an
-    -- upsert of an existing suite) there is no new suite and so no new owner.
+    -- BEFORE triggers run before ON CONFLICT is resolved: when the id exists (an upsert of
+    -- an existing suite) there is no new suite and so no new owner. A taken slug still gets
+    -- its owner row here, so the statement fails on the unique slug (409), not on the
+    -- members-only read policy of INSERT ... RETURNING (403); the row goes with it.
     if new.created_by is not null
-       and not exists (select from app.suites s where s.id = new.id or s.slug = new.slug) then
+       and not exists (select from app.suites s where s.id = new.id) then
         insert into app.suite_members (suite_id, user_id, role) values (new.id, new.created_by, 'owner');
     end if;
     return new;

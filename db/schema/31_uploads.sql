@@ -66,16 +66,30 @@ comment on function auth.finish_object_deletion(text) is 'The objects under the 
 revoke all on function auth.pending_object_deletions(integer), auth.finish_object_deletion(text) from public;
 grant execute on function auth.pending_object_deletions(integer), auth.finish_object_deletion(text) to tp_auth;
 
--- Every stored object's expected size and digest, for `tracepipe scrub`.
-create or replace function auth.object_manifest()
-    returns table (kind text, id uuid, size_bytes bigint, sha256 text)
-    language sql stable security definer
+-- Every stored object's expected size and digest, for `tracepipe scrub`: one page of one
+-- kind at a time, in id order after `after` (keyset paging: each page is a short
+-- transaction and an index range scan, however many rows there are).
+drop function if exists auth.object_manifest();
+create or replace function auth.object_manifest(kind text, after uuid, page_size integer)
+    returns table (id uuid, size_bytes bigint, sha256 text, created_at timestamptz)
+    language plpgsql stable security definer
     set search_path = ''
 as $$
-    select 'sessions', s.id, s.size_bytes, s.sha256 from app.sessions s
-    union all
-    select 'examples', e.id, e.size_bytes, e.sha256 from app.examples e
+declare
+    floor uuid := coalesce(after, '00000000-0000-0000-0000-000000000000');
+begin
+    if kind = 'sessions' then
+        return query select s.id, s.size_bytes, s.sha256, s.created_at from app.sessions s
+                     where s.id > floor order by s.id limit page_size;
+    elsif kind = 'examples' then
+        return query select e.id, e.size_bytes, e.sha256, e.created_at from app.examples e
+                     where e.id > floor order by e.id limit page_size;
+    else
+        raise exception 'unknown kind %', kind using errcode = '22023';
+    end if;
+end
 $$;
-comment on function auth.object_manifest() is 'Expected size and sha256 of every session bundle and example (for the scrub).';
-revoke all on function auth.object_manifest() from public;
-grant execute on function auth.object_manifest() to tp_auth;
+comment on function auth.object_manifest(text, uuid, integer) is
+    'Expected size and sha256 of session bundles or examples (kind), a page after an id (for the scrub).';
+revoke all on function auth.object_manifest(text, uuid, integer) from public;
+grant execute on function auth.object_manifest(text, uuid, integer) to tp_auth;

@@ -30,7 +30,7 @@ from ext.deps import CallerDep, PoolDep, RequestIdDep, SettingsDep, StoreDep
 from ext.errors import ApiError
 from ext.jsonl import LineValidator
 from ext.storage import Upload
-from ext.streaming import PrimedStreamingResponse, stream_object
+from ext.streaming import PrimedStreamingResponse, documented, stream_object
 from ext.uploads import (
     HashSink,
     body_kind,
@@ -248,7 +248,9 @@ def _accepts_gzip(header: str | None) -> bool:
     return False
 
 
-@router.get("/examples/export", summary="Every visible example's lines as one JSONL stream (fine-tuning format)")
+@router.get("/examples/export", summary="Every visible example's lines as one JSONL stream (fine-tuning format)",
+            response_class=Response, responses=documented(
+                "application/jsonl", ranges=False, description="The lines of every example of the page, in order"))
 async def export_examples(
     caller: CallerDep, pool: PoolDep, store: StoreDep, settings: SettingsDep, rid: RequestIdDep,
     suite_id: uuid.UUID | None = None, model: str | None = None, session_id: uuid.UUID | None = None,
@@ -301,7 +303,8 @@ async def export_examples(
     return PrimedStreamingResponse(body(), media_type="application/jsonl", headers=headers)
 
 
-@router.get("/examples/{example_id}/messages", summary="The example's JSONL, byte-identical (Range, ETag, gzip)")
+@router.get("/examples/{example_id}/messages", summary="The example's JSONL, byte-identical (Range, ETag, gzip)",
+            response_class=Response, responses=documented("application/jsonl"))
 async def stream_messages(
     example_id: str, caller: CallerDep, pool: PoolDep, store: StoreDep, rid: RequestIdDep,
     lines: Annotated[str | None, Query(description="only these lines, a-b (1-based, inclusive)")] = None,

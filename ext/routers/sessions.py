@@ -27,7 +27,7 @@ from ext.db import as_caller
 from ext.deps import CallerDep, PoolDep, RequestIdDep, SettingsDep, StoreDep
 from ext.errors import ApiError
 from ext.maintenance import drain_deletions
-from ext.streaming import PrimedStreamingResponse, stream_object
+from ext.streaming import PrimedStreamingResponse, documented, stream_object
 from ext.uploads import (
     HashSink,
     body_kind,
@@ -148,7 +148,8 @@ async def _visible_session(pool: PoolDep, caller: dict[str, Any], rid: str | Non
     return dict(row)
 
 
-@router.get("/sessions/{session_id}/bundle", summary="The stored bundle, byte-identical (Range, ETag)")
+@router.get("/sessions/{session_id}/bundle", summary="The stored bundle, byte-identical (Range, ETag)",
+            response_class=Response, responses=documented("application/zip"))
 async def download_bundle(session_id: str, caller: CallerDep, pool: PoolDep, store: StoreDep, rid: RequestIdDep,
                           range_header: Annotated[str | None, Header(alias="range")] = None,
                           if_none_match: Annotated[str | None, Header()] = None) -> Response:
@@ -163,7 +164,8 @@ MEDIA_TYPES = {".jsonl": "application/jsonl", ".har": "application/json", ".json
                ".webp": "image/webp"}
 
 
-@router.get("/sessions/{session_id}/files/{path:path}", summary="One member of the bundle (e.g. a screenshot)")
+@router.get("/sessions/{session_id}/files/{path:path}", summary="One member of the bundle (e.g. a screenshot)",
+            response_class=Response, responses=documented("*/*", ranges=False))
 async def download_member(session_id: str, path: str, caller: CallerDep, pool: PoolDep, store: StoreDep,
                           rid: RequestIdDep) -> Response:
     sid = _parse_id(session_id)

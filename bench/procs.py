@@ -1,0 +1,71 @@
+"""Memory of the stack's processes from /proc: PSS for the whole-stack figure (shared pages
+counted once, split between the processes that share them), RSS for the peak of one
+process under load."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+
+def process_tree(pid: int) -> list[int]:
+    """pid and all its descendants (PostgreSQL backends, uvicorn and nginx workers)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def _status_kib(pid: int, field: str, path: str) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/{path}").read_text().splitlines():
+            if line.startswith(field):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def rss_bytes(pid: int) -> int:
+    return _status_kib(pid, "VmRSS:", "status") * 1024
+
+
+def pss_bytes(pid: int) -> int:
+    """Proportional set size: what summing over processes does not double count."""
+    return _status_kib(pid, "Pss:", "smaps_rollup") * 1024
+
+
+class PeakRss:
+    """Samples every process of a tree every 50 ms. `peak` is the largest single process
+    seen (each uvicorn worker is bounded on its own), `peak_total` the largest sum."""
+
+    def __init__(self, root_pid: int) -> None:
+        self.root = root_pid
+        self.peak = 0
+        self.peak_total = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            sizes = [rss_bytes(p) for p in process_tree(self.root)]
+            self.peak = max(self.peak, *sizes)
+            self.peak_total = max(self.peak_total, sum(sizes))
+            self._stop.wait(0.05)
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()

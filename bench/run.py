@@ -1,0 +1,476 @@
+"""`make bench` (`python -m bench.run`): every figure of the benchmark suite beside the bare
+component it rides on, measured in the same run, with the ratio and the target.
+
+Writes bench/results/latest.json (a list of {name, value, unit, baseline, baseline_value,
+ratio, target, met}), latest.md (the table, with the machine) and latest.meta.json (the
+machine, per-phase load average, per-component memory, raw figures); prints the table.
+`--quick` is a ~2-minute subset (short runs, smaller files and seed) for development.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+
+from bench import data
+from bench.load import BenchError, median_result, pgbench, sql_literal, wrk
+from bench.procs import PeakRss
+from bench.stack import BenchStack
+from tracepipe.settings import REPO_ROOT
+
+RESULTS = REPO_ROOT / "bench" / "results"
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    duration_s: float  # each measured load run
+    warmup_s: float
+    rounds: int  # interleaved product/baseline rounds; the median is reported
+    file_mib: int  # bundle and JSONL size
+    transfer_rounds: int
+    seed_rows: int
+    cold_up: bool  # stop the stack and time `tracepipe up` on its state dir
+
+
+FULL = Profile("full", duration_s=8, warmup_s=2, rounds=3, file_mib=256, transfer_rounds=3, seed_rows=1_000_000,
+               cold_up=True)
+QUICK = Profile("quick", duration_s=3, warmup_s=1, rounds=1, file_mib=64, transfer_rounds=1, seed_rows=100_000,
+                cold_up=False)
+
+
+@dataclass
+class Figure:
+    name: str
+    value: float
+    unit: str
+    baseline: str | None
+    baseline_value: float | None
+    ratio: float | None
+    target: str
+    met: bool | None
+
+
+@dataclass
+class Run:
+    profile: Profile
+    bs: BenchStack
+    work: Path
+    figures: list[Figure] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def proxy(self) -> str:
+        return self.bs.s.proxy_url
+
+    def phase(self, name: str) -> None:
+        self.meta.setdefault("phases", []).append({"phase": name, "at_s": round(time.monotonic() - START, 1),
+                                                   "loadavg": _loadavg()})
+        print(f"[bench] {name}", file=sys.stderr, flush=True)
+
+    def add(self, name: str, value: float, unit: str, baseline: str | None = None,
+            baseline_value: float | None = None, target: str = "report",
+            check: Callable[[float, float | None], bool] | None = None) -> None:
+        ratio = value / baseline_value if baseline_value else None
+        met = None if check is None else bool(check(value, ratio))
+        self.figures.append(Figure(name, round(value, 2), unit, baseline, _round(baseline_value),
+                                   _round(ratio, 3), target, met))
+
+
+START = time.monotonic()
+
+
+def _round(x: float | None, digits: int = 2) -> float | None:
+    if x is None:
+        return None
+    return round(x, digits) if abs(x) < 100 else round(x, 1)
+
+
+def _loadavg() -> list[float]:
+    return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+
+
+def machine() -> dict[str, Any]:
+    cpuinfo = Path("/proc/cpuinfo").read_text()
+    model = next((ln.split(":", 1)[1].strip() for ln in cpuinfo.splitlines() if ln.startswith("model name")), "?")
+    mem_kib = int(next(ln.split()[1] for ln in Path("/proc/meminfo").read_text().splitlines()
+                       if ln.startswith("MemTotal:")))
+
+    def version(argv: list[str]) -> str:
+        try:
+            out = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+            return (out.stdout or out.stderr).strip().splitlines()[0]
+        except (OSError, IndexError, subprocess.SubprocessError):
+            return "?"
+
+    commit = version(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"])
+    dirty = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True).stdout.strip() != ""
+    return {
+        "nproc": os.cpu_count(), "cpu_model": model, "memory_gib": round(mem_kib / 1024 / 1024, 1),
+        "kernel": platform.release(), "python": platform.python_version(),
+        "wrk": version(["wrk", "-v"]), "git_commit": commit + ("+dirty" if dirty else ""),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+# --- reads: proxy + PostgREST + RLS vs bare PostgREST vs pgbench --------------------------------------
+def pgbench_script(claims: dict[str, Any], select: str) -> str:
+    """What PostgREST runs for a read, as one transaction: role and claims set locally, the
+    pre-request hook, then the select aggregated to JSON."""
+    return "\n".join([
+        "begin;",
+        f"select set_config('role', 'tp_user', true), set_config('request.jwt.claims', "
+        f"{sql_literal(json.dumps(claims))}, true);",
+        "select auth.check_request();",
+        f"select coalesce(json_agg(t), '[]') from ({select}) t;",
+        "commit;",
+        "",
+    ])
+
+
+def reads(run: Run, fx: data.Fixtures) -> None:
+    run.phase("reads: proxy vs bare PostgREST vs pgbench")
+    p, bs = run.profile, run.bs
+    token = data.login(run.proxy, fx.email)
+    claims = data.claims_of(token)
+    bs.create_bare_schema()
+    bare = bs.start_bare(run.work)
+    product_auth = {"Authorization": f"Bearer {token}"}
+    bare_auth = {"Authorization": f"Bearer {bs.bare_token()}"}
+    suite = fx.suite_ids[0]
+    one = "application/vnd.pgrst.object+json"
+    cases: list[tuple[str, str, dict[str, str], str, dict[str, str], str]] = [
+        ("GET one suite by id", f"{run.proxy}/suites/{suite}", {},
+         f"{bare}/suites?id=eq.{suite}", {"Accept": one},
+         f"select * from api.suites where id = {sql_literal(suite)}"),
+        ("GET a 20-row page of a suite's actions", f"{run.proxy}/suites/{suite}/actions?order=name&limit=20", {},
+         f"{bare}/actions?suite_id=eq.{suite}&order=name&limit=20", {},
+         f"select * from api.actions where suite_id = {sql_literal(suite)} order by name limit 20"),
+    ]
+    try:
+        for label, product_url, product_headers, bare_url, bare_headers, select in cases:
+            product_headers = {**product_auth, **product_headers}
+            bare_headers = {**bare_auth, **bare_headers}
+            _same_answer(product_url, product_headers, bare_url, bare_headers)
+            script = pgbench_script(claims, select)
+            prod_runs, bare_runs, sql_runs = [], [], []
+            for _ in range(p.rounds):
+                prod_runs.append(wrk(product_url, headers=product_headers, duration_s=p.duration_s,
+                                     warmup_s=p.warmup_s))
+                bare_runs.append(wrk(bare_url, headers=bare_headers, duration_s=p.duration_s, warmup_s=p.warmup_s))
+                sql_runs.append(pgbench(bs.authenticator(), script, duration_s=p.duration_s, warmup_s=p.warmup_s))
+            prod, bare_r, sql = median_result(prod_runs), median_result(bare_runs), median_result(sql_runs)
+            run.meta.setdefault("reads", {})[label] = {"proxy": [asdict(r) for r in prod_runs],
+                                                       "bare": [asdict(r) for r in bare_runs],
+                                                       "pgbench": [asdict(r) for r in sql_runs]}
+            name = f"{label} via proxy (ES256 JWT, pre-request hook, membership RLS), 32 conns"
+            bare_name = "bare PostgREST (HS256, table without RLS, no hook)"
+            run.add(f"{name}: req/s", prod.rps, "req/s", bare_name, bare_r.rps, "≥ 90%",
+                    lambda v, r: r is not None and r >= 0.9)
+            run.add(f"{name}: p99", prod.p99_ms, "ms", f"{bare_name}: p99", bare_r.p99_ms, "≤ 1.5×",
+                    lambda v, r: r is not None and r <= 1.5)
+            run.add(f"{name}: req/s vs SQL", prod.rps, "req/s",
+                    "same SQL via pgbench as tp_user with the claims, hook included, 32 clients", sql.rps)
+    finally:
+        bs.stop_bare()
+        bs.drop_bare_schema()
+
+
+def _same_answer(product_url: str, product_headers: dict[str, str], bare_url: str,
+                 bare_headers: dict[str, str]) -> None:
+    """Both sides answer 200 with the same rows: they do the same work."""
+    a = httpx.get(product_url, headers=product_headers, timeout=30)
+    b = httpx.get(bare_url, headers=bare_headers, timeout=30)
+    if a.status_code != 200 or b.status_code != 200 or a.json() != b.json():
+        raise BenchError(f"product and bare answers differ: {a.status_code} {a.text[:300]} / "
+                         f"{b.status_code} {b.text[:300]}")
+
+
+# --- POST /auth/token vs a constant endpoint of the same ext --------------------------------------------
+def auth_token(run: Run, fx: data.Fixtures) -> None:
+    run.phase("POST /auth/token vs /health")
+    p, s = run.profile, run.bs.s
+    ext = f"http://{s.host}:{s.ext_port}"
+    headers = {"Authorization": f"ApiKey {fx.api_key}"}
+    r = httpx.post(f"{ext}/auth/token", headers=headers, timeout=30)
+    if r.status_code != 200:
+        raise BenchError(f"/auth/token answered {r.status_code}: {r.text[:300]}")
+    token_runs, health_runs = [], []
+    for _ in range(p.rounds):
+        token_runs.append(wrk(f"{ext}/auth/token", method="POST", headers=headers, duration_s=p.duration_s,
+                              warmup_s=p.warmup_s))
+        health_runs.append(wrk(f"{ext}/health", duration_s=p.duration_s, warmup_s=p.warmup_s))
+    tok, health = median_result(token_runs), median_result(health_runs)
+    run.meta["auth_token"] = {"token": [asdict(x) for x in token_runs], "health": [asdict(x) for x in health_runs]}
+    name = "POST /auth/token (API key → ES256 JWT), ext direct (the proxy rate-limits it), 32 conns"
+    run.add(f"{name}: req/s", tok.rps, "req/s", "GET /health (constant JSON), same ext", health.rps, "≥ 40%",
+            lambda v, r: r is not None and r >= 0.4)
+    run.add(f"{name}: p99", tok.p99_ms, "ms", "GET /health: p99", health.p99_ms, "< 20 ms", lambda v, r: v < 20)
+
+
+# --- upload and stream vs boto3 --------------------------------------------------------------------------
+def s3_client(run: Run) -> Any:
+    import boto3
+    from botocore.config import Config
+
+    s = run.bs.s
+    return boto3.client("s3", endpoint_url=s.s3_endpoint, aws_access_key_id=run.bs.secrets.s3_access_key,
+                        aws_secret_access_key=run.bs.secrets.s3_secret_key, region_name=s.s3_region,
+                        config=Config(s3={"addressing_style": "path"}, max_pool_connections=32))
+
+
+def upload(run: Run, fx: data.Fixtures) -> None:
+    from boto3.s3.transfer import TransferConfig
+
+    p = run.profile
+    run.phase(f"upload {p.file_mib} MiB bundle vs boto3 multipart put")
+    bundle = run.work / "bundle.zip"
+    size = data.make_bundle(bundle, p.file_mib)
+    s3, bucket = s3_client(run), run.bs.s.bucket
+    ext_pid = run.bs.stack.pid_of("ext")
+    assert ext_pid is not None
+    part = 8 * MIB  # ext's part size (TP_EXT_UPLOAD_PART_BYTES)
+    transfer = TransferConfig(multipart_threshold=part, multipart_chunksize=part)
+    prod, direct, peaks = [], [], []
+    for _ in range(p.transfer_rounds):
+        token = data.login(run.proxy, fx.email)
+        with PeakRss(ext_pid) as peak:
+            status, body, seconds = data.post_file(f"{run.proxy}/sessions", bundle, {
+                "Authorization": f"Bearer {token}", "Content-Type": "application/zip"})
+        if status != 201:
+            raise BenchError(f"upload answered {status}: {body[:300]!r}")
+        prod.append(size / seconds / 1e6)
+        peaks.append(peak.peak)
+        session_id = json.loads(body)["id"]
+        key = f"bench/{uuid.uuid4()}/bundle.zip"
+        started = time.perf_counter()
+        s3.upload_file(str(bundle), bucket, key, Config=transfer)
+        direct.append(size / (time.perf_counter() - started) / 1e6)
+        s3.delete_object(Bucket=bucket, Key=key)
+        httpx.delete(f"{run.proxy}/sessions/{session_id}", headers={"Authorization": f"Bearer {token}"},
+                     timeout=60).raise_for_status()
+    bundle.unlink()
+    run.meta["upload"] = {"bytes": size, "proxy_mbps": prod, "boto3_mbps": direct, "ext_peak_rss": peaks}
+    name = f"upload a {p.file_mib} MiB bundle via proxy (POST /sessions, stored, validated, row written)"
+    run.add(f"{name}: MB/s", statistics.median(prod), "MB/s", "direct boto3 multipart put (8 MiB parts), same store",
+            statistics.median(direct), "≥ 70%", lambda v, r: r is not None and r >= 0.7)
+    run.add(f"{name}: ext peak RSS (largest process)", max(peaks) / MIB, "MiB", None, None, "< 150 MiB",
+            lambda v, r: v < 150)
+
+
+def stream(run: Run, fx: data.Fixtures) -> None:
+    p = run.profile
+    run.phase(f"stream {p.file_mib} MiB JSONL vs boto3 GET")
+    jsonl = run.work / "example.jsonl"
+    size = data.make_jsonl(jsonl, p.file_mib)
+    token = data.login(run.proxy, fx.email)
+    auth = {"Authorization": f"Bearer {token}"}
+    status, body, seconds = data.post_file(
+        f"{run.proxy}/examples?suite_id={fx.suite_ids[0]}&model=bench-model", jsonl,
+        {**auth, "Content-Type": "application/jsonl"})
+    if status != 201:
+        raise BenchError(f"registering the example answered {status}: {body[:300]!r}")
+    jsonl.unlink()
+    example_id = json.loads(body)["id"]
+    run.meta["register_example_mbps"] = round(size / seconds / 1e6, 1)
+    s3, bucket = s3_client(run), run.bs.s.bucket
+    ext_pid = run.bs.stack.pid_of("ext")
+    assert ext_pid is not None
+    prod, direct, peaks = [], [], []
+    for _ in range(p.transfer_rounds):
+        with PeakRss(ext_pid) as peak:
+            status, got, seconds = data.get_stream(f"{run.proxy}/examples/{example_id}/messages", auth)
+        if status != 200 or got != size:
+            raise BenchError(f"stream answered {status} with {got} of {size} bytes")
+        prod.append(size / seconds / 1e6)
+        peaks.append(peak.peak)
+        started = time.perf_counter()
+        obj = s3.get_object(Bucket=bucket, Key=f"examples/{example_id}/messages.jsonl")
+        got = sum(len(c) for c in obj["Body"].iter_chunks(MIB))
+        direct.append(got / (time.perf_counter() - started) / 1e6)
+    run.meta["stream"] = {"bytes": size, "proxy_mbps": prod, "boto3_mbps": direct, "ext_peak_rss": peaks}
+    name = f"stream a {p.file_mib} MiB JSONL example via proxy (GET /examples/{{id}}/messages)"
+    run.add(f"{name}: MB/s", statistics.median(prod), "MB/s", "direct boto3 GET, 1 MiB chunks, same store",
+            statistics.median(direct), "≥ 80%", lambda v, r: r is not None and r >= 0.8)
+    run.add(f"{name}: ext peak RSS (largest process)", max(peaks) / MIB, "MiB", None, None, "< 150 MiB",
+            lambda v, r: v < 150)
+
+
+# --- examples listing at scale ------------------------------------------------------------------------------
+def seed(run: Run) -> None:
+    rows = run.profile.seed_rows
+    run.phase(f"seed {rows} example rows")
+    started = time.monotonic()
+    run.bs.cli("seed-examples", "--rows", str(rows), "--suites", "1000", "--models", "20", timeout=900)
+    run.meta["seed"] = {"rows": rows, "seconds": round(time.monotonic() - started, 1)}
+
+
+def listing(run: Run, fx: data.Fixtures) -> None:
+    p = run.profile
+    run.phase(f"examples listing at {p.seed_rows} rows vs pgbench")
+    suite = data.add_viewer(run.bs.superuser_dsn, fx.user_id, "scale-suite-0042")
+    token = data.login(run.proxy, fx.email)
+    claims = data.claims_of(token)
+    headers = {"Authorization": f"Bearer {token}"}
+    with psycopg.connect(run.bs.superuser_dsn) as conn:
+        count = conn.execute("select count(*) from app.examples").fetchone()
+    n = int(count[0]) if count else 0
+    rows = f"{n / 1e6:.1f}M" if n >= 1_000_000 else f"{n // 1000}k"
+    run.meta["listing_rows"] = n
+    cases = [
+        ("one suite and model, newest 20",
+         f"{run.proxy}/examples?suite_id=eq.{suite}&model=eq.model-07&order=created_at.desc&limit=20",
+         f"select * from api.examples where suite_id = {sql_literal(suite)} and model = 'model-07'"
+         " order by created_at desc limit 20"),
+        ("one model across the caller's suites, newest 20",
+         f"{run.proxy}/examples?model=eq.model-03&order=created_at.desc&limit=20",
+         "select * from api.examples where model = 'model-03' order by created_at desc limit 20"),
+    ]
+    for label, url, select in cases:
+        r = httpx.get(url, headers=headers, timeout=30)
+        if r.status_code != 200 or not r.json():
+            raise BenchError(f"listing answered {r.status_code}: {r.text[:300]}")
+        script = pgbench_script(claims, select)
+        http_runs, sql_runs = [], []
+        for _ in range(p.rounds):
+            http_runs.append(wrk(url, headers=headers, connections=1, threads=1, duration_s=p.duration_s,
+                                 warmup_s=p.warmup_s))
+            sql_runs.append(pgbench(run.bs.authenticator(), script, clients=1, jobs=1, duration_s=p.duration_s,
+                                    warmup_s=p.warmup_s))
+        h, q = median_result(http_runs), median_result(sql_runs)
+        run.meta.setdefault("listing", {})[label] = {"proxy": [asdict(x) for x in http_runs],
+                                                     "pgbench": [asdict(x) for x in sql_runs]}
+        name = f"examples listing at {rows} rows via proxy, {label}, 1 client"
+        run.add(f"{name}: p50", h.p50_ms, "ms", "same SQL via pgbench as tp_user with the claims: p50", q.p50_ms,
+                "≤ 3×", lambda v, r: r is not None and r <= 3)
+        run.add(f"{name}: p99", h.p99_ms, "ms", "same SQL via pgbench: p99", q.p99_ms)
+
+
+# --- memory and start-up ------------------------------------------------------------------------------------
+def memory(run: Run) -> None:
+    run.phase("whole-stack memory")
+    by_component = run.bs.pss_by_component()
+    run.meta["pss_mib"] = {k: round(v / MIB, 1) for k, v in by_component.items()}
+    run.add("whole local stack memory after the run (PSS summed over every component process)",
+            sum(by_component.values()) / MIB, "MiB", None, None, "< 1536 MiB", lambda v, r: v < 1536)
+
+
+def start_up(run: Run) -> None:
+    run.phase("tracepipe up on an existing state dir")
+    bs = run.bs
+    if run.profile.cold_up and bs.owned:
+        started = time.monotonic()
+        bs.stack.down()
+        run.meta["down_s"] = round(time.monotonic() - started, 1)
+        started = time.monotonic()
+        bs.cli("up")
+        run.add("tracepipe up (make up) on a stopped, initialised state dir", time.monotonic() - started, "s",
+                None, None, "< 10 s", lambda v, r: v < 10)
+    started = time.monotonic()
+    bs.cli("up")
+    run.add("tracepipe up (make up) on the running stack (no-op)", time.monotonic() - started, "s", None, None,
+            "< 10 s", lambda v, r: v < 10)
+
+
+# --- output ---------------------------------------------------------------------------------------------------
+def _fmt(x: float | None, unit: str = "") -> str:
+    if x is None:
+        return "—"
+    text = f"{x:,.0f}" if abs(x) >= 100 else f"{x:,.2f}"
+    return f"{text} {unit}".strip()
+
+
+def markdown(figures: list[Figure], meta: dict[str, Any]) -> str:
+    m = meta["machine"]
+    lines = [
+        f"# Benchmarks ({meta['profile']}, {m['date']}, {m['git_commit']})",
+        "",
+        f"Machine: {m['nproc']} cores ({m['cpu_model']}), {m['memory_gib']} GiB, Linux {m['kernel']}; "
+        f"load average at start {meta['loadavg_start']}, at end {meta['loadavg_end']} "
+        f"(other work on the machine adds noise); run took {meta['seconds']} s. "
+        "Each figure is the median of interleaved rounds; the baseline is measured in the same run.",
+        "",
+        "| figure | value | baseline | baseline value | ratio | target | met |",
+        "| --- | ---: | --- | ---: | ---: | --- | --- |",
+    ]
+    for f in figures:
+        ratio = "—" if f.ratio is None else f"{f.ratio:.2f}×"
+        met = {True: "yes", False: "**no**", None: "—"}[f.met]
+        unit = f.unit
+        lines.append(f"| {f.name} | {_fmt(f.value, unit)} | {f.baseline or '—'} | "
+                     f"{_fmt(f.baseline_value, unit)} | {ratio} | {f.target} | {met} |")
+    pss = meta.get("pss_mib")
+    if pss:
+        lines += ["", "PSS by component (MiB): " + ", ".join(f"{k} {v}" for k, v in pss.items())]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(figures: list[Figure], meta: dict[str, Any], out: Path) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    md = markdown(figures, meta)
+    for name, text in (("latest.json", json.dumps([asdict(f) for f in figures], indent=2, ensure_ascii=False)),
+                       ("latest.md", md), ("latest.meta.json", json.dumps(meta, indent=2, ensure_ascii=False))):
+        tmp = out / f"{name}.tmp"
+        tmp.write_text(text + ("" if text.endswith("\n") else "\n"))
+        tmp.replace(out / name)
+    return md
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a ~2-minute subset (short runs, 64 MiB files)")
+    parser.add_argument("--running", action="store_true",
+                        help="benchmark the running stack of the TP_* environment instead of a throwaway one")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where latest.{json,md,meta.json} go")
+    args = parser.parse_args(argv)
+    profile = QUICK if args.quick else FULL
+    if shutil.which("wrk") is None:
+        print("bench: wrk is missing (apt-get install wrk; scripts/bootstrap.sh does)", file=sys.stderr)
+        return 2
+    meta: dict[str, Any] = {"profile": profile.name, "machine": machine(), "loadavg_start": _loadavg()}
+    opener = BenchStack.running if args.running else BenchStack.throwaway
+    work = Path(tempfile.mkdtemp(prefix="tp-bench-work-"))
+    try:
+        with opener() as bs:
+            run = Run(profile, bs, work, meta=meta)
+            meta["stack"] = {"owned": bs.owned, "state_dir": str(bs.stack.state),
+                             "started_s": round(time.monotonic() - START, 1)}
+            fx = data.create_fixtures(run.proxy)
+            seed(run)
+            reads(run, fx)
+            auth_token(run, fx)
+            upload(run, fx)
+            stream(run, fx)
+            listing(run, fx)
+            memory(run)
+            start_up(run)
+            run.phase("done")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    meta["loadavg_end"] = _loadavg()
+    meta["seconds"] = round(time.monotonic() - START, 1)
+    md = write_results(run.figures, meta, args.out)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

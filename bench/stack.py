@@ -1,0 +1,237 @@
+"""The stack under benchmark, and the bare PostgREST it is compared with.
+
+By default a throwaway stack in a temporary state dir on free ports below 32768, like the
+tests (never the developer's .state); `--running` uses the stack the TP_* environment (or
+the defaults) points at. The bare PostgREST is a second process on the same database:
+HS256, no pre-request hook, a `bench` schema of plain tables without RLS.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import jwt
+import psycopg
+
+from bench.load import PgTarget
+from bench.procs import process_tree, pss_bytes
+from tracepipe import credentials
+from tracepipe.settings import REPO_ROOT, StackSettings
+from tracepipe.stack import COMPONENTS, Stack
+
+PORT_FIELDS = ("proxy_port", "pg_port", "pgrst_port", "pgrst_admin_port", "ext_port", "s3_port",
+               "weed_master_port", "weed_volume_port", "weed_filer_port")
+GRPC_FIELDS = ("weed_master_port", "weed_volume_port", "weed_filer_port", "s3_port")
+BARE_ROLE = "bench_reader"
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_ports() -> tuple[dict[str, int], list[int]]:
+    """The stack's ports and two more (bare PostgREST and its admin), all below 32768 with
+    SeaweedFS's gRPC ports (+10000) free too."""
+    for _ in range(200):
+        base = random.randrange(10000, 22000, 20)
+        ports = {name: base + i for i, name in enumerate(PORT_FIELDS)}
+        extra = [base + len(PORT_FIELDS), base + len(PORT_FIELDS) + 1]
+        wanted = [*ports.values(), *extra, *(ports[n] + 10000 for n in GRPC_FIELDS)]
+        if all(_free(p) for p in wanted):
+            return ports, extra
+    raise RuntimeError("no free block of ports found")
+
+
+def stack_env(settings: StackSettings) -> dict[str, str]:
+    """Environment that points the `tracepipe` CLI at this stack."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TP_")}
+    for name, value in settings.model_dump().items():
+        env[f"TP_{name.upper()}"] = str(value)
+    return env
+
+
+class BenchStack:
+    def __init__(self, stack: Stack, owned: bool, bare_ports: list[int]) -> None:
+        self.stack = stack
+        self.owned = owned
+        self.bare_port, self.bare_admin_port = bare_ports
+        self.secrets = credentials.load_or_create(stack.state)
+        self._bare_proc: subprocess.Popen[bytes] | None = None
+        self.bare_secret = secrets.token_hex(32)
+
+    @property
+    def s(self) -> StackSettings:
+        return self.stack.s
+
+    @classmethod
+    @contextmanager
+    def throwaway(cls) -> Iterator[BenchStack]:
+        state = Path(tempfile.mkdtemp(prefix="tp-bench-"))
+        ports, extra = free_ports()
+        fields: dict[str, Any] = {"state_dir": state, "tools_dir": REPO_ROOT / ".tools", **ports}
+        stack = Stack(StackSettings(**fields))  # TP_* variables still apply (TP_EXT_WORKERS=4 make bench)
+        bs: BenchStack | None = None
+        try:
+            stack.up()
+            bs = cls(stack, owned=True, bare_ports=extra)
+            yield bs
+        finally:
+            if bs is not None:
+                bs.stop_bare()
+            stack.down()
+            daemon = stack.daemon_dir
+            shutil.rmtree(state, ignore_errors=True)
+            if daemon.is_relative_to(Path("/var/lib/tracepipe")):
+                shutil.rmtree(daemon, ignore_errors=True)
+
+    @classmethod
+    @contextmanager
+    def running(cls) -> Iterator[BenchStack]:
+        stack = Stack(StackSettings())
+        down = [st.name for st in stack.status() if not st.healthy]
+        if down:
+            raise RuntimeError(f"--running: not running: {', '.join(down)} (state {stack.state}); `make up` first")
+        _, extra = free_ports()
+        bs = cls(stack, owned=False, bare_ports=extra)
+        try:
+            yield bs
+        finally:
+            bs.stop_bare()
+            bs.drop_bare_schema()
+
+    # --- connections ---------------------------------------------------------------------
+    @property
+    def superuser_dsn(self) -> str:
+        return self.stack.superuser_conninfo()
+
+    @property
+    def owner_url(self) -> str:
+        return self.stack.owner_url(self.secrets)
+
+    def authenticator(self) -> PgTarget:
+        return PgTarget(self.s.host, self.s.pg_port, "authenticator", self.secrets.authenticator_password,
+                        self.s.db_name, self.stack.pg_bindir)
+
+    def component_pids(self) -> dict[str, list[int]]:
+        """Every process of each component, instances of a scaled stack (ext-1, …) included."""
+        out: dict[str, list[int]] = {name: [] for name in COMPONENTS}
+        for name in self.stack.process_names():
+            pid = self.stack.pid_of(name)
+            if pid:
+                out.setdefault(name.split("-")[0], []).extend(process_tree(pid))
+        return out
+
+    def pss_by_component(self) -> dict[str, int]:
+        return {name: sum(pss_bytes(p) for p in pids) for name, pids in self.component_pids().items()}
+
+    # --- the bare PostgREST ---------------------------------------------------------------------
+    def create_bare_schema(self) -> None:
+        """Copies of the suites and actions as plain tables (no RLS, no view), readable by a
+        role the authenticator may switch to."""
+        with psycopg.connect(self.superuser_dsn, autocommit=True) as conn:
+            conn.execute("create schema if not exists bench")
+            conn.execute("drop table if exists bench.suites, bench.actions")
+            conn.execute("create table bench.suites as select id, name, slug, description, created_by, created_at,"
+                         " updated_at from app.suites")
+            conn.execute("alter table bench.suites add primary key (id)")
+            conn.execute("create table bench.actions as select id, suite_id, name, description, input_schema,"
+                         " created_at, updated_at from app.actions")
+            conn.execute("alter table bench.actions add primary key (id)")
+            conn.execute("create unique index on bench.actions (suite_id, name)")
+            conn.execute(f"do $$ begin if not exists (select from pg_roles where rolname = '{BARE_ROLE}') then"
+                         f" create role {BARE_ROLE} nologin; end if; end $$")
+            conn.execute(f"grant usage on schema bench to {BARE_ROLE}")
+            conn.execute(f"grant select on all tables in schema bench to {BARE_ROLE}")
+            conn.execute(f"grant {BARE_ROLE} to authenticator")
+            conn.execute("analyze bench.suites, bench.actions")
+
+    def drop_bare_schema(self) -> None:
+        with psycopg.connect(self.superuser_dsn, autocommit=True) as conn:
+            conn.execute("drop schema if exists bench cascade")
+            exists = conn.execute("select 1 from pg_roles where rolname = %s", [BARE_ROLE]).fetchone()
+            if exists:
+                conn.execute(f"revoke {BARE_ROLE} from authenticator")
+                conn.execute(f"drop role {BARE_ROLE}")
+
+    def bare_config(self) -> str:
+        s = self.s
+        return "\n".join([
+            f'db-uri = "{self.stack.authenticator_url(self.secrets)}"',
+            'db-schemas = "bench"',
+            f'db-anon-role = "{BARE_ROLE}"',
+            f"db-pool = {s.pgrst_db_pool}",
+            f"db-max-rows = {s.pgrst_max_rows}",
+            f'jwt-secret = "{self.bare_secret}"',
+            f'server-host = "{s.host}"',
+            f"server-port = {self.bare_port}",
+            f"admin-server-port = {self.bare_admin_port}",
+            'log-level = "error"',
+            "",
+        ])
+
+    def start_bare(self, log_dir: Path) -> str:
+        conf = log_dir / "bare-postgrest.conf"
+        conf.write_text(self.bare_config())
+        conf.chmod(0o600)
+        log = open(log_dir / "bare-postgrest.log", "ab")  # noqa: SIM115 - handed to the child
+        self._bare_proc = subprocess.Popen([str(self.stack.postgrest_bin), str(conf)], stdout=log,
+                                           stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                           start_new_session=True)
+        log.close()
+        ready = f"http://{self.s.host}:{self.bare_admin_port}/ready"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(ready, timeout=2) as r:
+                    if r.status == 200:
+                        return f"http://{self.s.host}:{self.bare_port}"
+            except (urllib.error.URLError, OSError):
+                pass
+            if self._bare_proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        raise RuntimeError(f"bare PostgREST did not start; see {log_dir / 'bare-postgrest.log'}")
+
+    def bare_token(self) -> str:
+        return jwt.encode({"role": BARE_ROLE, "exp": int(time.time()) + 7200}, self.bare_secret, algorithm="HS256")
+
+    def stop_bare(self) -> None:
+        proc, self._bare_proc = self._bare_proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    # --- the CLI ----------------------------------------------------------------------------------
+    def cli(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        tracepipe = Path(sys.executable).parent / "tracepipe"
+        result = subprocess.run([str(tracepipe), *args], env=stack_env(self.s), capture_output=True, text=True,
+                                timeout=timeout)
+        if result.returncode != 0:
+            raise RuntimeError(f"tracepipe {' '.join(args)} failed: {result.stdout} {result.stderr}")
+        return result

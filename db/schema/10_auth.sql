@@ -56,19 +56,35 @@ grant execute on function auth.role_rank(text) to tp_user, tp_pipeline, tp_admin
 -- The suites in which the caller holds at least min_role, after the token's narrowing
 -- (a read-only key acts as viewer; a suite-scoped key sees only its suites).
 -- SECURITY DEFINER: reads suite_members without recursing into its policies.
+-- PL/pgSQL reading the claims once: the SQL version re-read them per membership row and was
+-- re-planned on every statement (measured: 237 µs a call for a member of 10 suites).
 -- VOLATILE on purpose: it must see the owner row the suites insert trigger wrote earlier
 -- in the same statement (a STABLE function would use the statement's snapshot).
 create or replace function auth.suites_with(min_role text) returns uuid[]
-    language sql volatile security definer
+    language plpgsql volatile security definer
     set search_path = ''
 as $$
-    select coalesce(array_agg(m.suite_id), '{}'::uuid[])
+declare
+    c jsonb := auth.claims();
+    caller uuid := nullif(c ->> 'sub', '')::uuid;
+    wanted integer := auth.role_rank(min_role);
+    scoped uuid[];
+    found_suites uuid[];
+begin
+    if caller is null or (coalesce(c ->> 'key_access', 'write') <> 'write' and wanted > 1) then
+        return '{}'::uuid[];  -- nobody, or a read-only key asked for more than viewer
+    end if;
+    if jsonb_typeof(c -> 'key_suites') = 'array' then
+        select coalesce(array_agg(x::uuid), '{}'::uuid[]) into scoped
+        from jsonb_array_elements_text(c -> 'key_suites') x;
+    end if;
+    select coalesce(array_agg(m.suite_id), '{}'::uuid[]) into found_suites
     from app.suite_members m
-    where m.user_id = auth.uid()
-      and auth.role_rank(case when auth.can_write() then m.role::text else 'viewer' end)
-          >= auth.role_rank(min_role)
-      and (not auth.is_suite_scoped()
-           or m.suite_id::text in (select jsonb_array_elements_text(auth.claims() -> 'key_suites')))
+    where m.user_id = caller
+      and (case m.role::text when 'owner' then 3 when 'editor' then 2 else 1 end) >= wanted
+      and (scoped is null or m.suite_id = any (scoped));
+    return found_suites;
+end
 $$;
 comment on function auth.suites_with(text) is
     'Suite ids where the caller''s effective role >= min_role. Cost: one index scan of suite_members by user; call as (select auth.suites_with(...)).';

@@ -30,8 +30,8 @@ import psycopg
 
 from bench import data
 from bench.load import BenchError, median_result, pgbench, sql_literal, wrk
-from bench.procs import PeakRss
 from bench.stack import BenchStack
+from tracepipe.procs import PeakRss
 from tracepipe.settings import REPO_ROOT
 
 RESULTS = REPO_ROOT / "bench" / "results"

@@ -8,12 +8,9 @@ HS256, no pre-request hook, a `bench` schema of plain tables without RLS.
 
 from __future__ import annotations
 
-import os
-import random
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,46 +26,18 @@ import jwt
 import psycopg
 
 from bench.load import PgTarget
-from bench.procs import process_tree, pss_bytes
 from tracepipe import credentials
+from tracepipe.ports import free_stack_ports
+from tracepipe.procs import process_tree, pss_bytes
 from tracepipe.settings import REPO_ROOT, StackSettings
 from tracepipe.stack import COMPONENTS, Stack
 
-PORT_FIELDS = ("proxy_port", "pg_port", "pgrst_port", "pgrst_admin_port", "ext_port", "s3_port",
-               "weed_master_port", "weed_volume_port", "weed_filer_port")
-GRPC_FIELDS = ("weed_master_port", "weed_volume_port", "weed_filer_port", "s3_port")
 BARE_ROLE = "bench_reader"
 
 
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
 def free_ports() -> tuple[dict[str, int], list[int]]:
-    """The stack's ports and two more (bare PostgREST and its admin), all below 32768 with
-    SeaweedFS's gRPC ports (+10000) free too."""
-    for _ in range(200):
-        base = random.randrange(10000, 22000, 20)
-        ports = {name: base + i for i, name in enumerate(PORT_FIELDS)}
-        extra = [base + len(PORT_FIELDS), base + len(PORT_FIELDS) + 1]
-        wanted = [*ports.values(), *extra, *(ports[n] + 10000 for n in GRPC_FIELDS)]
-        if all(_free(p) for p in wanted):
-            return ports, extra
-    raise RuntimeError("no free block of ports found")
-
-
-def stack_env(settings: StackSettings) -> dict[str, str]:
-    """Environment that points the `tracepipe` CLI at this stack."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TP_")}
-    for name, value in settings.model_dump().items():
-        env[f"TP_{name.upper()}"] = str(value)
-    return env
+    """The stack's ports and two more (bare PostgREST and its admin)."""
+    return free_stack_ports(extra=2)
 
 
 class BenchStack:
@@ -230,7 +199,7 @@ class BenchStack:
     # --- the CLI ----------------------------------------------------------------------------------
     def cli(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
         tracepipe = Path(sys.executable).parent / "tracepipe"
-        result = subprocess.run([str(tracepipe), *args], env=stack_env(self.s), capture_output=True, text=True,
+        result = subprocess.run([str(tracepipe), *args], env=self.stack.cli_env(), capture_output=True, text=True,
                                 timeout=timeout)
         if result.returncode != 0:
             raise RuntimeError(f"tracepipe {' '.join(args)} failed: {result.stdout} {result.stderr}")

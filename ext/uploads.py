@@ -17,10 +17,14 @@ from typing import Any, Protocol
 import psycopg
 from fastapi import Request
 from fastapi.encoders import jsonable_encoder
+from fastapi.responses import JSONResponse
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool
 from python_multipart import MultipartParser
 from python_multipart.multipart import parse_options_header
 from starlette.requests import ClientDisconnect
 
+from ext.db import as_caller
 from ext.errors import ApiError
 
 
@@ -187,11 +191,40 @@ async def idempotent_result(conn: psycopg.AsyncConnection[Any], scope: str, key:
     return await cur.fetchone()
 
 
-def replay_or_conflict(record: dict[str, Any], digest: str) -> dict[str, Any]:
+def replayed(record: dict[str, Any], digest: str) -> JSONResponse:
+    """The first result again (201, Idempotent-Replayed), or 409 if the content differs."""
     if record["request_sha256"] != digest:
         raise ApiError(409, "TP409", "Idempotency-Key was already used for a different request",
                        None, "Use a new Idempotency-Key for a new upload.")
-    return dict(record["response"])
+    return JSONResponse(record["response"], status_code=201, headers={"Idempotent-Replayed": "true"})
+
+
+class ConcurrentRetry(Exception):
+    """Another request with the same Idempotency-Key committed first."""
+
+
+async def remember_result(conn: psycopg.AsyncConnection[Any], scope: str, key: str | None, digest: str,
+                          resource_id: str, row: dict[str, Any]) -> None:
+    """Records the first result of (caller, scope, key) in the transaction that writes the
+    row; raises ConcurrentRetry when a concurrent request with the same key won."""
+    if not key:
+        return
+    try:
+        async with conn.transaction():
+            await conn.execute(
+                "insert into app.idempotency_keys (user_id, scope, key, request_sha256, resource_id, response)"
+                " values (auth.uid(), %s, %s, %s, %s, %s)", [scope, key, digest, resource_id, Jsonb(row)])
+    except psycopg.errors.UniqueViolation:
+        raise ConcurrentRetry() from None
+
+
+async def replay_winner(pool: AsyncConnectionPool, caller: dict[str, Any], rid: str | None, scope: str, key: str,
+                        digest: str) -> JSONResponse:
+    """After ConcurrentRetry: answer with the result of the request that committed first."""
+    async with as_caller(pool, caller, rid) as conn:
+        first = await idempotent_result(conn, scope, key)
+    assert first is not None
+    return replayed(first, digest)
 
 
 def check_idempotency_key(key: str | None) -> str | None:
@@ -203,5 +236,5 @@ def check_idempotency_key(key: str | None) -> str | None:
     return key
 
 
-__all__ = ["BodyFields", "ClientDisconnect", "HashSink", "body_kind", "check_idempotency_key",
-           "idempotent_result", "replay_or_conflict", "request_digest", "stream_body"]
+__all__ = ["BodyFields", "ClientDisconnect", "ConcurrentRetry", "HashSink", "body_kind", "check_idempotency_key",
+           "idempotent_result", "remember_result", "replay_winner", "replayed", "request_digest", "stream_body"]

@@ -24,7 +24,7 @@ from typing import Any
 
 import httpx
 
-from tests import bundles
+from tracepipe import bundles
 
 PASSWORD = "load test password, long enough"
 

@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from loadtest.load import Result, run_load
-from tests.resources import process_tree, pss_bytes, rss_bytes
+from tracepipe.ports import free_stack_ports
+from tracepipe.procs import process_tree, pss_bytes, rss_bytes
+from tracepipe.settings import REPO_ROOT, StackSettings
 from tracepipe.stack import Stack
 
 MIB = 1024 * 1024
@@ -77,11 +79,8 @@ def report(result: Result) -> str:
 @contextmanager
 def throwaway_stack() -> Iterator[Stack]:
     """A stack in a temporary state dir on free ports, removed afterwards (as the tests do)."""
-    from tests.conftest import free_ports
-    from tracepipe.settings import REPO_ROOT, StackSettings
-
     state = Path(tempfile.mkdtemp(prefix="tp-load-"))
-    values: dict[str, Any] = {"state_dir": state, "tools_dir": REPO_ROOT / ".tools", **free_ports()}
+    values: dict[str, Any] = {"state_dir": state, "tools_dir": REPO_ROOT / ".tools", **free_stack_ports()[0]}
     stack = Stack(StackSettings(**values))
     try:
         stack.up()

@@ -5,10 +5,7 @@ running `make up`). Fixtures create what each test needs under unique names."""
 from __future__ import annotations
 
 import json
-import os
-import random
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,36 +22,13 @@ import pytest
 from psycopg.rows import dict_row
 
 from tracepipe import credentials
+from tracepipe.ports import free_stack_ports
 from tracepipe.settings import REPO_ROOT, StackSettings
 from tracepipe.stack import Stack
 
-PORT_FIELDS = ("proxy_port", "pg_port", "pgrst_port", "pgrst_admin_port", "ext_port", "s3_port",
-               "weed_master_port", "weed_volume_port", "weed_filer_port")
-GRPC_FIELDS = ("weed_master_port", "weed_volume_port", "weed_filer_port", "s3_port")
 
-
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def free_ports(scale: int = 1, scale_step: int = 100) -> dict[str, int]:
-    """Ports below the ephemeral range (32768+), gRPC ports (+10000) and the ports of extra
-    PostgREST/ext instances (+ i × scale_step) included, all free."""
-    for _ in range(200):
-        base = random.randrange(10000, 22000, 20)
-        ports = {name: base + i for i, name in enumerate(PORT_FIELDS)}
-        wanted = list(ports.values()) + [ports[n] + 10000 for n in GRPC_FIELDS]
-        wanted += [ports[n] + i * scale_step for i in range(1, scale)
-                   for n in ("pgrst_port", "pgrst_admin_port", "ext_port")]
-        if all(_free(p) for p in wanted):
-            return ports
-    raise RuntimeError("no free block of ports found")
+def free_ports(scale: int = 1) -> dict[str, int]:
+    return free_stack_ports(scale=scale)[0]
 
 
 @pytest.fixture(scope="session")
@@ -78,10 +52,7 @@ def stack() -> Iterator[Stack]:
 @pytest.fixture(scope="session")
 def stack_env(stack: Stack) -> dict[str, str]:
     """Environment that points the `tracepipe` CLI at the test stack."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TP_")}
-    for name, value in stack.s.model_dump().items():
-        env[f"TP_{name.upper()}"] = str(value)
-    return env
+    return stack.cli_env()
 
 
 def run_cli(env: dict[str, str], *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

@@ -131,6 +131,36 @@ def test_headers_with_underscores_are_dropped(stack: Stack) -> None:
     assert headers["x-request-id"] != "chosen-by-client"
 
 
+@pytest.mark.parametrize("header", ["X-Anything", "User-Agent", "Cookie", "Range", "Prefer", "Accept", "Range-Unit",
+                                    "Accept-Profile", "Content-Type", "Authorization"])
+def test_a_header_value_that_is_not_utf8_never_reaches_postgrest(person: User, suite: dict[str, Any],
+                                                                 header: str) -> None:
+    """PostgREST 12.0.2 answers any request header that is not UTF-8 with a text/plain 500
+    (fuzzing found it with `Range: \xe0`). The proxy passes it only the headers it uses,
+    and refuses those unless ASCII; the rest never reach it."""
+    used = header not in ("X-Anything", "User-Agent", "Cookie")
+    for method, path in (("GET", "/suites"), ("GET", f"/suites/{suite['id']}"), ("PATCH", f"/suites/{suite['id']}")):
+        headers = {header: b"\xe0"}
+        if header != "Authorization":
+            headers["Authorization"] = person.auth["Authorization"].encode()
+        body = {"description": "x"} if method == "PATCH" else None
+        r = person.client.request(method, path, headers=headers, json=body)
+        if used:
+            assert r.status_code == 400, (method, path, r.status_code, r.text[:200])
+            assert assert_error_body(r)["message"] == "request header not ASCII"
+        else:
+            assert r.status_code == 200, (method, path, r.status_code, r.text[:200])
+
+
+@pytest.mark.parametrize("path", ["/suites/%C3%A4", "/action-tool-maps/a.b", "/examples/%F0%9F%98%80/messages",
+                                  "/foo/bar", "/rpc/me/more", "/suites/", "/.well-known/other"])
+def test_a_path_no_route_has_is_a_json_404(person: User, path: str) -> None:
+    """Not PostgREST's bare `{}` 404 (what a path deeper than its native ones got)."""
+    r = person.client.get(path)
+    assert r.status_code == 404, (path, r.status_code, r.text[:200])
+    assert assert_error_body(r)["code"] == "TP404"
+
+
 # --- sizes: headers, URLs ------------------------------------------------------------------------
 
 

@@ -261,6 +261,12 @@ class Stack:
         return base + instance * self.s.scale_port_step
 
     # --- process helpers ------------------------------------------------------------------
+    def cli_env(self) -> dict[str, str]:
+        """This process's environment pointed at this stack (for running `tracepipe` on it)."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TP_")}
+        env.update({f"TP_{name.upper()}": str(value) for name, value in self.s.model_dump().items()})
+        return env
+
     def versions(self) -> dict[str, str]:
         """Version of each component's binary (what `tracepipe status` shows)."""
         def first_line(argv: list[str]) -> str:

@@ -32,11 +32,14 @@ from ext.jsonl import LineValidator
 from ext.storage import Upload
 from ext.streaming import PrimedStreamingResponse, documented, stream_object
 from ext.uploads import (
+    ConcurrentRetry,
     HashSink,
     body_kind,
     check_idempotency_key,
     idempotent_result,
-    replay_or_conflict,
+    remember_result,
+    replay_winner,
+    replayed,
     request_digest,
     stream_body,
 )
@@ -143,8 +146,7 @@ async def register_example(
         meta = meta or _meta(fields.json_object("metadata"))
         assert isinstance(sink.upload, HashSink)
         digest = request_digest(sink.upload.hexdigest(), meta.model_dump(mode="json"))
-        return JSONResponse(replay_or_conflict(previous, digest), status_code=201,
-                            headers={"Idempotent-Replayed": "true"})
+        return replayed(previous, digest)
 
     upload = store.uploader(example_key(example_id), settings.max_example_bytes)
     validating = _ValidatingSink(upload, settings.max_jsonl_line_bytes)
@@ -156,29 +158,14 @@ async def register_example(
         digest = request_digest(stored.sha256, meta.model_dump(mode="json"))
         async with as_caller(pool, caller, rid) as conn:
             row = await _insert(conn, example_id, meta, validating.lines.lines, stored.size, stored.sha256)
-            if key:
-                try:
-                    async with conn.transaction():
-                        await conn.execute(
-                            "insert into app.idempotency_keys (user_id, scope, key, request_sha256, resource_id,"
-                            " response) values (auth.uid(), 'examples', %s, %s, %s, %s)",
-                            [key, digest, example_id, Jsonb(row)])
-                except psycopg.errors.UniqueViolation:
-                    raise _ConcurrentRetry() from None
-    except _ConcurrentRetry:
+            await remember_result(conn, "examples", key, digest, example_id, row)
+    except ConcurrentRetry:
         await upload.abort()
-        async with as_caller(pool, caller, rid) as conn:
-            first = await idempotent_result(conn, "examples", key or "")
-        assert first is not None
-        return JSONResponse(replay_or_conflict(first, digest), status_code=201, headers={"Idempotent-Replayed": "true"})
+        return await replay_winner(pool, caller, rid, "examples", key or "", digest)
     except BaseException:
         await upload.abort()
         raise
     return JSONResponse(row, status_code=201, headers={"Location": f"/examples/{example_id}"})
-
-
-class _ConcurrentRetry(Exception):
-    """Another request with the same Idempotency-Key committed first."""
 
 
 async def _visible_example(pool: PoolDep, caller: dict[str, Any], rid: str | None, example_id: str) -> dict[str, Any]:

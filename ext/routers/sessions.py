@@ -29,11 +29,14 @@ from ext.errors import ApiError
 from ext.maintenance import drain_deletions
 from ext.streaming import PrimedStreamingResponse, documented, stream_object
 from ext.uploads import (
+    ConcurrentRetry,
     HashSink,
     body_kind,
     check_idempotency_key,
     idempotent_result,
-    replay_or_conflict,
+    remember_result,
+    replay_winner,
+    replayed,
     request_digest,
     stream_body,
 )
@@ -81,8 +84,7 @@ async def upload_session(request: Request, caller: CallerDep, pool: PoolDep, set
         sink = HashSink(settings.max_bundle_bytes)
         fields = await stream_body(request, kind, sink, "bundle", ("metadata",), settings.max_metadata_bytes)
         digest = request_digest(sink.hexdigest(), fields.json_object("metadata"))
-        return JSONResponse(replay_or_conflict(previous, digest), status_code=201,
-                            headers={"Idempotent-Replayed": "true"})
+        return replayed(previous, digest)
 
     session_id = str(uuid.uuid4())
     upload = store.uploader(bundle_key(session_id), settings.max_bundle_bytes)
@@ -112,30 +114,14 @@ async def upload_session(request: Request, caller: CallerDep, pool: PoolDep, set
                                "tagging a session with a suite needs membership of it, and the token must "
                                "allow writes (and that suite, for a suite-scoped key)") from None
             row = jsonable_encoder(await cur.fetchone())
-            if key:
-                try:
-                    async with conn.transaction():
-                        await conn.execute(
-                            "insert into app.idempotency_keys (user_id, scope, key, request_sha256, resource_id,"
-                            " response) values (auth.uid(), 'sessions', %s, %s, %s, %s)",
-                            [key, digest, session_id, Jsonb(row)])
-                except psycopg.errors.UniqueViolation:
-                    raise _ConcurrentRetry() from None
-    except _ConcurrentRetry:
+            await remember_result(conn, "sessions", key, digest, session_id, row)
+    except ConcurrentRetry:
         await upload.abort()
-        async with as_caller(pool, caller, rid) as conn:
-            first = await idempotent_result(conn, "sessions", key or "")
-        assert first is not None
-        return JSONResponse(replay_or_conflict(first, digest), status_code=201,
-                            headers={"Idempotent-Replayed": "true"})
+        return await replay_winner(pool, caller, rid, "sessions", key or "", digest)
     except BaseException:  # bad input, disconnect, store or database failure: leave nothing
         await upload.abort()
         raise
     return JSONResponse(row, status_code=201, headers={"Location": f"/sessions/{session_id}"})
-
-
-class _ConcurrentRetry(Exception):
-    """Another request with the same Idempotency-Key committed first."""
 
 
 async def _visible_session(pool: PoolDep, caller: dict[str, Any], rid: str | None, session_id: str) -> dict[str, Any]:

@@ -1,6 +1,5 @@
-"""Memory of the stack's processes from /proc: PSS for the whole-stack figure (shared pages
-counted once, split between the processes that share them), RSS for the peak of one
-process under load."""
+"""The stack's processes as /proc sees them: trees, RSS and PSS, sockets. Used by the tests
+(resource bounds) and the benchmarks (peak RSS, whole-stack PSS)."""
 
 from __future__ import annotations
 
@@ -25,7 +24,7 @@ def process_tree(pid: int) -> list[int]:
     return out
 
 
-def _status_kib(pid: int, field: str, path: str) -> int:
+def _kib(pid: int, field: str, path: str) -> int:
     try:
         for line in Path(f"/proc/{pid}/{path}").read_text().splitlines():
             if line.startswith(field):
@@ -36,12 +35,12 @@ def _status_kib(pid: int, field: str, path: str) -> int:
 
 
 def rss_bytes(pid: int) -> int:
-    return _status_kib(pid, "VmRSS:", "status") * 1024
+    return _kib(pid, "VmRSS:", "status") * 1024
 
 
 def pss_bytes(pid: int) -> int:
     """Proportional set size: what summing over processes does not double count."""
-    return _status_kib(pid, "Pss:", "smaps_rollup") * 1024
+    return _kib(pid, "Pss:", "smaps_rollup") * 1024
 
 
 class PeakRss:
@@ -69,3 +68,30 @@ class PeakRss:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def established_to_port(pids: list[int], port: int) -> int:
+    """How many ESTABLISHED TCP connections the processes hold to a local port."""
+    inodes: set[str] = set()
+    for pid in pids:
+        try:
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                try:
+                    target = fd.readlink().as_posix()
+                except OSError:
+                    continue
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+        except OSError:
+            continue
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            parts = line.split()
+            if parts[3] == "01" and int(parts[2].split(":")[1], 16) == port and parts[9] in inodes:
+                count += 1
+    return count

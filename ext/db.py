@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import psycopg
+import psycopg.sql
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 from psycopg_pool.base import AttemptWithBackoff
@@ -57,3 +58,14 @@ async def as_identity_service(pool: AsyncConnectionPool) -> AsyncIterator[psycop
     async with pool.connection() as conn, conn.transaction():
         await conn.execute("set local role tp_auth")
         yield conn
+
+
+async def api_row(conn: psycopg.AsyncConnection[Any], view: str, row_id: str) -> dict[str, Any]:
+    """The row as PostgREST shows it (PostgreSQL's JSON of the api view), so ext and
+    PostgREST answer the same resource with the same bytes (e.g. timestamps)."""
+    cur = await conn.execute(
+        psycopg.sql.SQL("select to_json(v) as row from api.{} v where v.id = %s").format(psycopg.sql.Identifier(view)),
+        [row_id])
+    found = await cur.fetchone()
+    assert found is not None, (view, row_id)
+    return dict(found["row"])

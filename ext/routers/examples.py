@@ -20,12 +20,11 @@ from typing import Annotated, Any, Literal
 
 import psycopg
 from fastapi import APIRouter, Header, Query, Request, Response
-from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
 from psycopg.types.json import Jsonb
 from pydantic import BaseModel, Field, ValidationError
 
-from ext.db import as_caller
+from ext.db import api_row, as_caller
 from ext.deps import CallerDep, PoolDep, RequestIdDep, SettingsDep, StoreDep
 from ext.errors import ApiError
 from ext.jsonl import LineValidator
@@ -47,7 +46,6 @@ from ext.uploads import (
 router = APIRouter(tags=["examples"])
 
 JSONL_TYPES = ("application/jsonl", "application/x-ndjson", "application/jsonlines", "application/json-lines")
-EXAMPLE_COLUMNS = "id, session_id, suite_id, model, message_count, size_bytes, sha256, metadata, created_at"
 
 
 class ExampleMeta(BaseModel):
@@ -89,9 +87,9 @@ class _ValidatingSink:
 async def _insert(conn: psycopg.AsyncConnection[Any], example_id: str, meta: ExampleMeta, lines: int, size: int,
                   sha256: str) -> dict[str, Any]:
     try:
-        cur = await conn.execute(
-            f"insert into app.examples (id, session_id, suite_id, model, message_count, size_bytes, sha256, metadata)"
-            f" values (%s, %s, %s, %s, %s, %s, %s, %s) returning {EXAMPLE_COLUMNS}",
+        await conn.execute(
+            "insert into app.examples (id, session_id, suite_id, model, message_count, size_bytes, sha256, metadata)"
+            " values (%s, %s, %s, %s, %s, %s, %s, %s)",
             [example_id, meta.session_id, meta.suite_id, meta.model, lines, size, sha256, Jsonb(meta.metadata)])
     except psycopg.errors.InsufficientPrivilege:
         raise ApiError(403, "42501", "you may not register examples in this suite",
@@ -99,9 +97,7 @@ async def _insert(conn: psycopg.AsyncConnection[Any], example_id: str, meta: Exa
                        "may write to it") from None
     except psycopg.errors.ForeignKeyViolation:
         raise ApiError(422, "TP422", "session_id or suite_id does not exist", None) from None
-    row = await cur.fetchone()
-    assert row is not None
-    return dict(jsonable_encoder(row))
+    return await api_row(conn, "examples", example_id)
 
 
 @router.post("/examples", status_code=201, summary="Register an example: metadata + JSONL messages; 201 with the row",

@@ -17,13 +17,12 @@ from typing import Annotated, Any
 
 import psycopg
 from fastapi import APIRouter, Header, Request, Response
-from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
 from psycopg.types.json import Jsonb
 from starlette.concurrency import run_in_threadpool
 
 from ext import bundles
-from ext.db import as_caller
+from ext.db import api_row, as_caller
 from ext.deps import CallerDep, PoolDep, RequestIdDep, SettingsDep, StoreDep
 from ext.errors import ApiError
 from ext.maintenance import drain_deletions
@@ -44,8 +43,6 @@ from ext.uploads import (
 router = APIRouter(tags=["sessions"])
 
 ZIP_TYPES = ("application/zip", "application/x-zip-compressed")
-SESSION_COLUMNS = ("id, user_id, suite_id, size_bytes, sha256, started_at, ended_at, event_count, network_count,"
-                   " screenshot_count, files, metadata, created_at, updated_at")
 
 
 def not_found() -> ApiError:
@@ -102,10 +99,10 @@ async def upload_session(request: Request, caller: CallerDep, pool: PoolDep, set
         digest = request_digest(stored.sha256, user_metadata)
         async with as_caller(pool, caller, rid) as conn:
             try:
-                cur = await conn.execute(
-                    f"insert into app.sessions (id, user_id, suite_id, size_bytes, sha256, started_at, ended_at,"
-                    f" event_count, network_count, screenshot_count, files, metadata)"
-                    f" values (%s, auth.uid(), %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) returning {SESSION_COLUMNS}",
+                await conn.execute(
+                    "insert into app.sessions (id, user_id, suite_id, size_bytes, sha256, started_at, ended_at,"
+                    " event_count, network_count, screenshot_count, files, metadata)"
+                    " values (%s, auth.uid(), %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
                     [session_id, manifest.get("suite_id"), stored.size, stored.sha256, summary.started_at,
                      summary.ended_at, summary.event_count, summary.network_count, summary.screenshot_count,
                      Jsonb(summary.files), Jsonb(metadata)])
@@ -113,7 +110,7 @@ async def upload_session(request: Request, caller: CallerDep, pool: PoolDep, set
                 raise ApiError(403, "42501", "you may not upload this session",
                                "tagging a session with a suite needs membership of it, and the token must "
                                "allow writes (and that suite, for a suite-scoped key)") from None
-            row = jsonable_encoder(await cur.fetchone())
+            row = await api_row(conn, "sessions", session_id)
             await remember_result(conn, "sessions", key, digest, session_id, row)
     except ConcurrentRetry:
         await upload.abort()
@@ -185,10 +182,10 @@ async def delete_session(session_id: str, caller: CallerDep, pool: PoolDep, stor
                          rid: RequestIdDep) -> JSONResponse:
     sid = _parse_id(session_id)
     async with as_caller(pool, caller, rid) as conn:
-        cur = await conn.execute(f"delete from app.sessions where id = %s returning {SESSION_COLUMNS}", [sid])
-        row = await cur.fetchone()
-    if row is None:
+        cur = await conn.execute("delete from app.sessions s where s.id = %s returning to_json(s) as row", [sid])
+        deleted = await cur.fetchone()
+    if deleted is None:
         raise not_found()
     # The delete queued sessions/{id}/ (and its examples' prefixes) in app.object_deletions.
     await drain_deletions(pool, store)
-    return JSONResponse(jsonable_encoder(row))
+    return JSONResponse(deleted["row"])

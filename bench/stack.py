@@ -9,7 +9,6 @@ HS256, no pre-request hook, a `bench` schema of plain tables without RLS.
 from __future__ import annotations
 
 import secrets
-import shutil
 import signal
 import subprocess
 import sys
@@ -57,6 +56,7 @@ class BenchStack:
     @contextmanager
     def throwaway(cls) -> Iterator[BenchStack]:
         state = Path(tempfile.mkdtemp(prefix="tp-bench-"))
+        state.chmod(0o755)  # mkdtemp's 0700 would keep the unprivileged PostgreSQL user out
         ports, extra = free_ports()
         fields: dict[str, Any] = {"state_dir": state, "tools_dir": REPO_ROOT / ".tools", **ports}
         stack = Stack(StackSettings(**fields))  # TP_* variables still apply (TP_EXT_WORKERS=4 make bench)
@@ -68,11 +68,7 @@ class BenchStack:
         finally:
             if bs is not None:
                 bs.stop_bare()
-            stack.down()
-            daemon = stack.daemon_dir
-            shutil.rmtree(state, ignore_errors=True)
-            if daemon.is_relative_to(Path("/var/lib/tracepipe")):
-                shutil.rmtree(daemon, ignore_errors=True)
+            stack.destroy()
 
     @classmethod
     @contextmanager

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import shutil
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -80,14 +79,14 @@ def report(result: Result) -> str:
 def throwaway_stack() -> Iterator[Stack]:
     """A stack in a temporary state dir on free ports, removed afterwards (as the tests do)."""
     state = Path(tempfile.mkdtemp(prefix="tp-load-"))
+    state.chmod(0o755)  # mkdtemp's 0700 would keep the unprivileged PostgreSQL user out
     values: dict[str, Any] = {"state_dir": state, "tools_dir": REPO_ROOT / ".tools", **free_stack_ports()[0]}
     stack = Stack(StackSettings(**values))
     try:
         stack.up()
         yield stack
     finally:
-        stack.down()
-        shutil.rmtree(state, ignore_errors=True)
+        stack.destroy()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,7 +5,6 @@ running `make up`). Fixtures create what each test needs under unique names."""
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -34,19 +33,14 @@ def free_ports(scale: int = 1) -> dict[str, int]:
 @pytest.fixture(scope="session")
 def stack() -> Iterator[Stack]:
     state = Path(tempfile.mkdtemp(prefix="tp-test-"))
+    state.chmod(0o755)  # mkdtemp's 0700 would keep the unprivileged PostgreSQL user out
     settings = StackSettings(state_dir=state, tools_dir=REPO_ROOT / ".tools", **free_ports())
     st = Stack(settings)
     try:
         st.up()
         yield st
     finally:
-        st.down()
-        shutil.rmtree(state, ignore_errors=True)
-        daemon_outside = Path("/var/lib/tracepipe")
-        if daemon_outside.exists():
-            for p in daemon_outside.iterdir():
-                if not any(True for _ in p.iterdir()):
-                    p.rmdir()
+        st.destroy()
 
 
 @pytest.fixture(scope="session")

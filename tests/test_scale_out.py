@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -25,13 +24,13 @@ from tracepipe.stack import Stack
 @pytest.fixture(scope="module")
 def scaled() -> Iterator[Stack]:
     state = Path(tempfile.mkdtemp(prefix="tp-scale-"))
+    state.chmod(0o755)
     st = Stack(StackSettings(state_dir=state, tools_dir=REPO_ROOT / ".tools", scale=2, **free_ports(scale=2)))
     try:
         st.up()
         yield st
     finally:
-        st.down()
-        shutil.rmtree(state, ignore_errors=True)
+        st.destroy()
 
 
 def _flow(base: str, n: int) -> dict[str, Any]:

@@ -207,6 +207,15 @@ class Stack:
             names += [component] + [f"{component}-{i}" for i in range(1, self.s.scale)]
         return [*names, "nginx"]
 
+    def destroy(self) -> None:
+        """Stops the stack and removes everything it wrote: the state dir and, when the
+        cluster lives outside it (/var/lib/tracepipe/<hash>), that directory too."""
+        self.down()
+        link = self.state / "daemon"
+        if link.is_symlink():
+            shutil.rmtree(link.resolve(), ignore_errors=True)
+        shutil.rmtree(self.state, ignore_errors=True)
+
     def _surplus_instances(self) -> list[str]:
         """Instances left running by an earlier, larger scale."""
         return sorted({p.stem for p in self.run_dir.glob("*-[0-9]*.pid")} - set(self.process_names()))

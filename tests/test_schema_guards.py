@@ -91,3 +91,19 @@ def test_every_request_role_has_a_statement_timeout(su: psycopg.Connection[dict[
     assert len(rows) == 5
     for r in rows:
         assert any(c.startswith("statement_timeout=") for c in (r["setconfig"] or [])), r
+
+
+def test_the_claims_helpers_policies_call_are_inlined_by_the_planner(su: psycopg.Connection[dict[str, Any]]) -> None:
+    """A SET clause (or SECURITY DEFINER) on these keeps the planner from inlining them, and
+    PostgreSQL 15 then parses and plans the body on every call of every request."""
+    helpers = ["auth.claims()", "auth.uid()", "auth.can_write()", "auth.is_suite_scoped()",
+               "auth.role_rank('editor')"]
+    with su.transaction():
+        su.execute("set local role tp_user")
+        for helper in helpers:
+            plan = su.execute(f"explain (verbose, costs off) select {helper}").fetchall()
+            text = "\n".join(str(next(iter(r.values()))) for r in plan)
+            assert "auth." not in text, (helper, text)
+    rank = su.execute("select auth.role_rank('viewer') as v, auth.role_rank('owner') as o,"
+                      " auth.role_rank('nobody') as n").fetchone()
+    assert rank == {"v": 1, "o": 3, "n": 0}

@@ -19,6 +19,8 @@ class ExtSettings(BaseSettings):
     db_pool_max: int = 10
     db_connect_timeout_s: float = 3.0
     db_pool_timeout_s: float = Field(3.0, description="wait for a pooled connection before answering 503")
+    db_check_idle_s: float = Field(1.0, description="check a pooled connection (one round trip) before use only "
+                                                    "when it has been idle this long")
 
     jwt_keys_dir: Path = Field(Path("/run/tracepipe/jwt"), description="ES256 private keys <kid>.pem and jwks.json")
     jwt_issuer: str = "tracepipe"

@@ -70,6 +70,10 @@ def from_db_error(e: psycopg.Error) -> ApiError:
             return ApiError(400, "PGRST", diag.message_primary or "error")
     if isinstance(e, psycopg.OperationalError) and not state:
         return unavailable("database")
+    if state in ("57P01", "57P02", "57P03"):
+        # the server is shutting down, crashed or is starting: a pooled connection met it
+        # (the pool pings only idle connections), so it is the database that is unavailable
+        return unavailable("database")
     if isinstance(e, psycopg.DataError) and not state:
         # refused by psycopg before it reached the server: a value PostgreSQL cannot hold,
         # such as a NUL character in text (PostgREST answers 22P05 for the same input)

@@ -29,7 +29,7 @@ import httpx
 import psycopg
 
 from bench import data
-from bench.load import BenchError, median_result, pgbench, sql_literal, wrk
+from bench.load import BenchError, LoadResult, median_result, pgbench, sql_literal, wrk
 from bench.stack import BenchStack
 from tracepipe.procs import PeakRss
 from tracepipe.settings import REPO_ROOT
@@ -173,9 +173,8 @@ def reads(run: Run, fx: data.Fixtures) -> None:
             script = pgbench_script(claims, select)
             prod_runs, bare_runs, sql_runs = [], [], []
             for _ in range(p.rounds):
-                prod_runs.append(wrk(product_url, headers=product_headers, duration_s=p.duration_s,
-                                     warmup_s=p.warmup_s))
-                bare_runs.append(wrk(bare_url, headers=bare_headers, duration_s=p.duration_s, warmup_s=p.warmup_s))
+                prod_runs.append(_wrk_with_cpu(run, f"{label}: proxy", product_url, product_headers))
+                bare_runs.append(_wrk_with_cpu(run, f"{label}: bare PostgREST", bare_url, bare_headers))
                 sql_runs.append(pgbench(bs.authenticator(), script, duration_s=p.duration_s, warmup_s=p.warmup_s))
             prod, bare_r, sql = median_result(prod_runs), median_result(bare_runs), median_result(sql_runs)
             run.meta.setdefault("reads", {})[label] = {"proxy": [asdict(r) for r in prod_runs],
@@ -192,6 +191,19 @@ def reads(run: Run, fx: data.Fixtures) -> None:
     finally:
         bs.stop_bare()
         bs.drop_bare_schema()
+
+
+def _wrk_with_cpu(run: Run, label: str, url: str, headers: dict[str, str], method: str = "GET") -> LoadResult:
+    """wrk after its warm-up, recording each component's CPU time per request (µs) in the
+    meta (the last round's), so the table says where a request's time goes."""
+    p = run.profile
+    wrk(url, method=method, headers=headers, duration_s=p.warmup_s, warmup_s=0)
+    before = run.bs.cpu_by_component()
+    result = wrk(url, method=method, headers=headers, duration_s=p.duration_s, warmup_s=0)
+    after = run.bs.cpu_by_component()
+    used = {name: round((after[name] - before.get(name, 0.0)) * 1e6 / result.requests, 1) for name in after}
+    run.meta.setdefault("cpu_us_per_request", {})[label] = {k: v for k, v in used.items() if v >= 0.5}
+    return result
 
 
 def _same_answer(product_url: str, product_headers: dict[str, str], bare_url: str,
@@ -215,9 +227,8 @@ def auth_token(run: Run, fx: data.Fixtures) -> None:
         raise BenchError(f"/auth/token answered {r.status_code}: {r.text[:300]}")
     token_runs, health_runs = [], []
     for _ in range(p.rounds):
-        token_runs.append(wrk(f"{ext}/auth/token", method="POST", headers=headers, duration_s=p.duration_s,
-                              warmup_s=p.warmup_s))
-        health_runs.append(wrk(f"{ext}/health", duration_s=p.duration_s, warmup_s=p.warmup_s))
+        token_runs.append(_wrk_with_cpu(run, "POST /auth/token", f"{ext}/auth/token", headers, method="POST"))
+        health_runs.append(_wrk_with_cpu(run, "GET /health", f"{ext}/health", {}))
     tok, health = median_result(token_runs), median_result(health_runs)
     run.meta["auth_token"] = {"token": [asdict(x) for x in token_runs], "health": [asdict(x) for x in health_runs]}
     name = "POST /auth/token (API key → ES256 JWT), ext direct (the proxy rate-limits it), 32 conns"
@@ -417,6 +428,11 @@ def markdown(figures: list[Figure], meta: dict[str, Any]) -> str:
         unit = f.unit
         lines.append(f"| {f.name} | {_fmt(f.value, unit)} | {f.baseline or '—'} | "
                      f"{_fmt(f.baseline_value, unit)} | {ratio} | {f.target} | {met} |")
+    cpu = meta.get("cpu_us_per_request")
+    if cpu:
+        lines += ["", "CPU time per request by component (µs, last round; wrk's own CPU not counted):", ""]
+        lines += [f"- {label}: " + ", ".join(f"{k} {v:,.0f}" for k, v in sorted(used.items(), key=lambda kv: -kv[1]))
+                  + f" (total {sum(used.values()):,.0f})" for label, used in cpu.items()]
     pss = meta.get("pss_mib")
     if pss:
         lines += ["", "PSS by component (MiB): " + ", ".join(f"{k} {v}" for k, v in pss.items())]

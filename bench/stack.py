@@ -27,7 +27,7 @@ import psycopg
 from bench.load import PgTarget
 from tracepipe import credentials
 from tracepipe.ports import free_stack_ports
-from tracepipe.procs import process_tree, pss_bytes
+from tracepipe.procs import cpu_seconds, process_tree, pss_bytes
 from tracepipe.settings import REPO_ROOT, StackSettings
 from tracepipe.stack import COMPONENTS, Stack
 
@@ -106,6 +106,13 @@ class BenchStack:
             if pid:
                 out.setdefault(name.split("-")[0], []).extend(process_tree(pid))
         return out
+
+    def cpu_by_component(self) -> dict[str, float]:
+        """CPU seconds used so far by each component, the bare PostgREST included."""
+        pids = self.component_pids()
+        if self._bare_proc is not None:
+            pids["bare postgrest"] = [self._bare_proc.pid]
+        return {name: cpu_seconds(p) for name, p in pids.items()}
 
     def pss_by_component(self) -> dict[str, int]:
         return {name: sum(pss_bytes(p) for p in pids) for name, pids in self.component_pids().items()}

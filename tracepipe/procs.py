@@ -1,8 +1,9 @@
-"""The stack's processes as /proc sees them: trees, RSS and PSS, sockets. Used by the tests
-(resource bounds) and the benchmarks (peak RSS, whole-stack PSS)."""
+"""The stack's processes as /proc sees them: trees, RSS and PSS, CPU time, sockets. Used by
+the tests (resource bounds) and the benchmarks (peak RSS, whole-stack PSS, CPU per request)."""
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
@@ -22,6 +23,18 @@ def process_tree(pid: int) -> list[int]:
         out.append(p)
         todo.extend(children.get(p, []))
     return out
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User plus system CPU time the processes have used so far (exited ones count 0)."""
+    ticks = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _kib(pid: int, field: str, path: str) -> int:

@@ -181,7 +181,7 @@ def reads(run: Run, fx: data.Fixtures) -> None:
                                                        "bare": [asdict(r) for r in bare_runs],
                                                        "pgbench": [asdict(r) for r in sql_runs]}
             name = f"{label} via proxy (ES256 JWT, pre-request hook, membership RLS), 32 conns"
-            bare_name = "bare PostgREST (HS256, table without RLS, no hook)"
+            bare_name = "bare PostgREST (its defaults, HS256, table without RLS, no hook)"
             run.add(f"{name}: req/s", prod.rps, "req/s", bare_name, bare_r.rps, "≥ 90%",
                     lambda v, r: r is not None and r >= 0.9)
             run.add(f"{name}: p99", prod.p99_ms, "ms", f"{bare_name}: p99", bare_r.p99_ms, "≤ 1.5×",

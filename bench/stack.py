@@ -3,7 +3,8 @@
 By default a throwaway stack in a temporary state dir on free ports below 32768, like the
 tests (never the developer's .state); `--running` uses the stack the TP_* environment (or
 the defaults) points at. The bare PostgREST is a second process on the same database:
-HS256, no pre-request hook, a `bench` schema of plain tables without RLS.
+HS256, no pre-request hook, PostgREST's default pool of 10, a `bench` schema of plain
+tables without RLS.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from tracepipe.settings import REPO_ROOT, StackSettings
 from tracepipe.stack import COMPONENTS, Stack
 
 BARE_ROLE = "bench_reader"
+BARE_DB_POOL = 10  # PostgREST's default: the bare component as shipped (the product's is TP_PGRST_DB_POOL)
 
 
 def free_ports() -> tuple[dict[str, int], list[int]]:
@@ -152,7 +154,7 @@ class BenchStack:
             f'db-uri = "{self.stack.authenticator_url(self.secrets)}"',
             'db-schemas = "bench"',
             f'db-anon-role = "{BARE_ROLE}"',
-            f"db-pool = {s.pgrst_db_pool}",
+            f"db-pool = {BARE_DB_POOL}",
             f"db-max-rows = {s.pgrst_max_rows}",
             f'jwt-secret = "{self.bare_secret}"',
             f'server-host = "{s.host}"',

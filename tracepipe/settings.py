@@ -51,7 +51,10 @@ class StackSettings(BaseSettings):
     key_token_ttl_s: int = 3600
     refresh_token_ttl_s: int = 30 * 24 * 3600
 
-    pgrst_db_pool: int = 10
+    # PostgREST's default is 10. Each request holds its connection through five round trips
+    # (BEGIN, settings, the pre-request hook, the query, COMMIT), so with 10 the CPUs idle
+    # between them: 20 measured p99 27-31 ms instead of 49-55 ms at 32 connections, same req/s.
+    pgrst_db_pool: int = 20
     pgrst_max_rows: int = 1000
     pgrst_jwt_cache_s: int = 3600
     statement_timeout_user: str = "8s"

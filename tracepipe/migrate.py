@@ -52,6 +52,7 @@ def bootstrap(superuser_conninfo: str, settings: StackSettings, secrets: StackSe
         }
         for role, timeout in timeouts.items():
             conn.execute(sql.SQL("alter role {} set statement_timeout = {}").format(sql.Identifier(role), timeout))
+        conn.execute(sql.SQL("alter role tp_user set plan_cache_mode = {}").format(settings.plan_cache_mode_user))
         exists = conn.execute("select 1 from pg_database where datname = %s", [settings.db_name]).fetchone()
         if not exists:
             conn.execute(sql.SQL("create database {} owner tp_owner").format(sql.Identifier(settings.db_name)))

@@ -66,7 +66,6 @@ grant execute on function auth.role_rank(text) to tp_user, tp_pipeline, tp_admin
 create or replace function auth.suites_with(min_role text) returns uuid[]
     language plpgsql volatile security definer
     set search_path = ''
-    set plan_cache_mode = force_generic_plan
 as $$
 declare
     c jsonb := auth.claims();

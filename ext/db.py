@@ -53,6 +53,28 @@ def make_pool(settings: ExtSettings) -> AsyncConnectionPool:
     )
 
 
+async def _become_identity_service(conn: psycopg.AsyncConnection[Any]) -> None:
+    await conn.execute("set role tp_auth")
+
+
+def make_identity_pool(settings: ExtSettings) -> AsyncConnectionPool:
+    """Connections that are tp_auth for their whole session, in autocommit: the key
+    exchange (POST /auth/token) is then one statement, one round trip, where BEGIN, SET
+    LOCAL ROLE, the query and COMMIT on the main pool were four. tp_auth may only run the
+    identity functions; nothing else uses this pool."""
+    return AsyncConnectionPool(
+        settings.database_url,
+        min_size=1,
+        max_size=settings.db_identity_pool_max,
+        timeout=settings.db_pool_timeout_s,
+        kwargs={"connect_timeout": settings.db_connect_timeout_s, "application_name": "tracepipe-ext identity",
+                "row_factory": dict_row, "autocommit": True},
+        open=False,
+        configure=_become_identity_service,
+        check=idle_check(settings.db_check_idle_s),
+    )
+
+
 @asynccontextmanager
 async def as_caller(pool: AsyncConnectionPool, claims: dict[str, Any],
                     request_id: str | None = None) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
@@ -75,6 +97,13 @@ async def as_identity_service(pool: AsyncConnectionPool) -> AsyncIterator[psycop
     """A transaction as tp_auth, the role of ext's identity functions (no token carries it)."""
     async with pool.connection() as conn, conn.transaction():
         await conn.execute("set local role tp_auth")
+        yield conn
+
+
+@asynccontextmanager
+async def as_identity_session(identity_pool: AsyncConnectionPool) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+    """A connection of the identity pool (tp_auth, autocommit: each statement commits)."""
+    async with identity_pool.connection() as conn:
         yield conn
 
 

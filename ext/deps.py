@@ -27,6 +27,11 @@ async def get_pool(request: Request) -> AsyncConnectionPool:
     return pool
 
 
+async def get_identity_pool(request: Request) -> AsyncConnectionPool:
+    pool: AsyncConnectionPool = request.app.state.identity_pool
+    return pool
+
+
 async def get_keys(request: Request) -> KeySet:
     keys: KeySet = request.app.state.keys
     return keys
@@ -53,6 +58,7 @@ async def request_id(request: Request) -> str | None:
 
 SettingsDep = Annotated[ExtSettings, Depends(get_settings)]
 PoolDep = Annotated[AsyncConnectionPool, Depends(get_pool)]
+IdentityPoolDep = Annotated[AsyncConnectionPool, Depends(get_identity_pool)]
 KeysDep = Annotated[KeySet, Depends(get_keys)]
 StoreDep = Annotated[ObjectStore, Depends(get_store)]
 CallerDep = Annotated[dict[str, Any], Depends(get_caller)]

@@ -11,7 +11,7 @@ from fastapi import FastAPI
 
 from ext import errors, maintenance, observability
 from ext.config import ExtSettings
-from ext.db import make_pool
+from ext.db import make_identity_pool, make_pool
 from ext.routers import api_keys, auth, docs, examples, health, sessions
 from ext.storage import ObjectStore, make_client
 from ext.tokens import KeySet
@@ -26,7 +26,9 @@ def create_app(settings: ExtSettings | None = None) -> FastAPI:
         app.state.s3 = make_client(s)
         app.state.store = ObjectStore(app.state.s3, s)
         app.state.pool = make_pool(s)
+        app.state.identity_pool = make_identity_pool(s)
         await app.state.pool.open(wait=False)
+        await app.state.identity_pool.open(wait=False)
         housekeeping = asyncio.create_task(maintenance.run_forever(app.state))
         try:
             yield
@@ -34,6 +36,7 @@ def create_app(settings: ExtSettings | None = None) -> FastAPI:
             housekeeping.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await housekeeping
+            await app.state.identity_pool.close()
             await app.state.pool.close()
 
     observability.configure_logging()

@@ -10,6 +10,7 @@ import argparse
 import hashlib
 import io
 import json
+import os
 import re
 import subprocess
 import sys
@@ -130,7 +131,7 @@ def test_unreachable_and_unauthenticated_exit_3(env: dict[str, str], owner: User
     line = fails({**env, "TRACEPIPE_URL": "http://127.0.0.1:9"}, "suite", "list", "--api-key", "tp_x", code=3)
     assert "cannot reach the server" in line
     assert "ConnectError" in line
-    bad_key = "tp_000000000000_" + "0" * 48
+    bad_key = f"tp_{os.urandom(6).hex()}_" + "0" * 48  # a fresh prefix: test_tokens throttles the all-zero one
     assert "401" in fails(as_key(env, bad_key), "suite", "list", code=3)
     line = fails(env, "suite", "list", "--email", owner.email, "--password", "not the password", code=3)
     assert "authentication failed" in line and "401" in line

@@ -72,6 +72,9 @@ def test_database_down_gives_503_fast_and_recovers_without_restarts(
         stack: Stack, person: User, suite: dict[str, Any], anon: httpx.Client,
         restore: Callable[[str], None]) -> None:
     others = {name: stack.pid_of(name) for name in ("postgrest", "ext", "nginx", "seaweedfs")}
+    created = person.client.post("/api-keys", json={"name": "faults", "access": "read"})
+    assert created.status_code == 201, created.text
+    key_auth = {"Authorization": f"ApiKey {created.json()['key']}"}
     restore("postgres")
     for method, path, kwargs in probes(suite):
         started = time.monotonic()
@@ -85,6 +88,9 @@ def test_database_down_gives_503_fast_and_recovers_without_restarts(
     login = anon.post("/auth/login", json={"email": person.email, "password": person.password})
     assert login.status_code == 503
     assert_error_body(login)
+    exchange = anon.post("/auth/token", headers=key_auth)  # ext's identity pool, not its main one
+    assert exchange.status_code == 503, exchange.text
+    assert_error_body(exchange)
 
     stack.start_component("postgres")
     assert _wait_until(lambda: person.client.get("/suites").status_code == 200), "PostgREST did not recover"
@@ -92,6 +98,7 @@ def test_database_down_gives_503_fast_and_recovers_without_restarts(
     for method, path, kwargs in probes(suite)[:-1]:
         r = person.client.request(method, path, **kwargs)
         assert r.status_code < 500, (method, path, r.status_code, r.text)
+    assert _wait_until(lambda: anon.post("/auth/token", headers=key_auth).status_code == 200), "no key exchange"
     assert {name: stack.pid_of(name) for name in others} == others, "no other component was restarted"
 
 

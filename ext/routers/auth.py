@@ -18,8 +18,8 @@ import psycopg
 from fastapi import APIRouter, Header, Response
 from pydantic import BaseModel, Field, field_validator
 
-from ext.db import as_caller, as_identity_service
-from ext.deps import CallerDep, KeysDep, PoolDep, RequestIdDep, SettingsDep
+from ext.db import as_caller, as_identity_service, as_identity_session
+from ext.deps import CallerDep, IdentityPoolDep, KeysDep, PoolDep, RequestIdDep, SettingsDep
 from ext.errors import ApiError, unauthorized
 from ext.passwords import hash_password, verify_password
 
@@ -192,7 +192,7 @@ async def logout(caller: CallerDep, pool: PoolDep, rid: RequestIdDep, body: Logo
 
 
 @router.post("/auth/token", summary="Exchange an API key for a short-lived access token")
-async def token(pool: PoolDep, keys: KeysDep, settings: SettingsDep,
+async def token(pool: PoolDep, identity_pool: IdentityPoolDep, keys: KeysDep, settings: SettingsDep,
                 authorization: Annotated[str, Header()] = "") -> AccessToken:
     scheme, _, key = authorization.partition(" ")
     key = key.strip()
@@ -201,12 +201,13 @@ async def token(pool: PoolDep, keys: KeysDep, settings: SettingsDep,
         raise ApiError(401, "TP401", "an API key is required", "Authorization: ApiKey tp_…",
                        headers={"WWW-Authenticate": "ApiKey"})
     subject = f"key:{match.group(1)}"
-    # One transaction, one query for the throttle and the lookup (and the pool checks only
-    # idle connections): each round trip through the async driver costs about as much as
-    # the queries themselves. The touch is at most every TOUCH_INTERVAL_S per key and
-    # process, and commits asynchronously: losing a last_used_at on a crash is harmless,
-    # and a synchronous commit would hold the key row's lock through a WAL flush.
-    async with as_identity_service(pool) as conn:
+    # One statement, one round trip: the throttle and the lookup on a connection that is
+    # tp_auth in autocommit (ext/db.py make_identity_pool; the pool pings only idle
+    # connections). Each round trip through the async driver costs about as much as the
+    # queries. The touch is at most every TOUCH_INTERVAL_S per key and process, and commits
+    # asynchronously: losing a last_used_at on a crash is harmless, and a synchronous commit
+    # would hold the key row's lock through a WAL flush.
+    async with as_identity_session(identity_pool) as conn:
         cur = await conn.execute(
             "select auth.throttle_wait(%s, %s, %s) as wait, k.* from (select) one"
             " left join auth.key_lookup(%s) k on true",

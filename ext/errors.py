@@ -131,9 +131,12 @@ def install(app: FastAPI) -> None:
 
 
 def _printable(errors: Any) -> Any:
-    """Validation errors echo the input, which may hold lone surrogates (`"\\ud800"` is valid
-    JSON, not valid Unicode) that cannot be encoded into the error body: they become "?"."""
-    text = json.dumps(errors, default=str, ensure_ascii=False)
+    """Validation errors without the `input` pydantic attaches: it may be a password or the
+    whole body (a missing field echoes every other field). What remains (type, loc, msg,
+    ctx) may still hold lone surrogates (`"\\ud800"` is valid JSON, not valid Unicode) that
+    cannot be encoded into the error body: they become "?"."""
+    kept = [{k: v for k, v in e.items() if k not in ("input", "url")} for e in errors]
+    text = json.dumps(kept, default=str, ensure_ascii=False)
     return json.loads(text.encode("utf-8", "replace"))
 
 

@@ -290,6 +290,20 @@ def test_bad_text_in_a_signup_is_a_4xx_and_creates_nothing(anon: httpx.Client, s
     assert_error_body(login)
 
 
+def test_a_rejected_body_is_not_echoed_back(anon: httpx.Client) -> None:
+    """Validation errors name the field and the problem, never the input: a missing email
+    would otherwise echo the whole body, password included."""
+    secret = f"correct horse {uuid.uuid4().hex}"
+    missing = anon.post("/auth/signup", json={"password": secret, "display_name": "Someone"})
+    assert missing.status_code == 422, missing.text
+    assert "email" in assert_error_body(missing)["message"]
+    wrong_type = anon.post("/auth/login", json={"email": "someone@example.test", "password": [secret]})
+    assert wrong_type.status_code == 422, wrong_type.text
+    assert "password" in assert_error_body(wrong_type)["message"]
+    for r in (missing, wrong_type):
+        assert secret not in r.text, r.text
+
+
 @pytest.mark.parametrize("bad", list(BAD_TEXT))
 def test_bad_text_in_other_ext_bodies_is_a_4xx(make_user: Callable[..., User], bad: str) -> None:
     person = make_user()  # its own: a logout that went through would end the login

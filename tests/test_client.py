@@ -9,6 +9,7 @@ import hashlib
 import json
 import math
 import random
+import time
 import tracemalloc
 import uuid
 from collections.abc import Callable, Iterator
@@ -359,3 +360,19 @@ def test_errors_carry_the_api_body_and_status(tp: Client, base_url: str) -> None
         offline.list_suites()
     assert (e.value.status, e.value.code) == (0, "TPNET")
     assert isinstance(e.value.__cause__, httpx.TransportError)
+
+
+def test_a_throttled_key_is_reported_at_once_not_waited_out(base_url: str) -> None:
+    """ext throttles a key prefix for minutes after 20 failures (Retry-After); the client
+    answers that 429 instead of sleeping through its retries."""
+    key = f"tp_{uuid.uuid4().hex[:12]}_{'0' * 48}"
+    statuses = []
+    for _ in range(21):
+        statuses.append(httpx.post(f"{base_url}/auth/token", headers={"Authorization": f"ApiKey {key}"}).status_code)
+        time.sleep(0.06)  # under the proxy's per-IP rate: this is ext's per-prefix throttle
+    assert statuses[-1] == 429, statuses
+    started = time.monotonic()
+    with Client(base_url, api_key=key) as tp, pytest.raises(TracepipeError) as raised:
+        tp.list_suites()
+    assert raised.value.status == 429 and raised.value.code == "TP429", raised.value
+    assert time.monotonic() - started < 5

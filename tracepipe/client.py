@@ -61,6 +61,7 @@ CHUNK_BYTES = 1024 * 1024
 OBJECT = "application/vnd.pgrst.object+json"
 CREATE_HEADERS = {"Prefer": "return=representation", "Accept": OBJECT}
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+MAX_RETRY_WAIT_S = 30.0  # a longer Retry-After (a throttled key: up to 15 minutes) is answered, not waited out
 
 
 # --- rows -------------------------------------------------------------------------------------
@@ -370,7 +371,8 @@ class Client:
 
     def _retrying(self, call: Callable[[], httpx.Response], what: str) -> httpx.Response:
         """Calls `call` until it answers below 500 (and not 429), at most 1 + retries times,
-        backing off exponentially (or as Retry-After says). Connection errors count too."""
+        backing off exponentially (or as Retry-After says). Connection errors count too. An
+        answer asking to wait longer than MAX_RETRY_WAIT_S is returned at once."""
         for attempt in range(self.retries + 1):
             last = attempt == self.retries
             try:
@@ -380,17 +382,19 @@ class Client:
                     raise _network_error(e, what) from e
                 self._sleep(attempt, None)
                 continue
-            if last or r.status_code not in RETRY_STATUSES:
+            retry_after = r.headers.get("retry-after")
+            too_long = retry_after is not None and retry_after.isdigit() and float(retry_after) > MAX_RETRY_WAIT_S
+            if last or r.status_code not in RETRY_STATUSES or too_long:
                 return r
             r.close()
-            self._sleep(attempt, r.headers.get("retry-after"))
+            self._sleep(attempt, retry_after)
         raise AssertionError("unreachable")
 
     def _sleep(self, attempt: int, retry_after: str | None) -> None:
         delay = self.backoff_s * (2 ** attempt)
         if retry_after and retry_after.isdigit():
             delay = max(delay, float(retry_after))
-        time.sleep(min(delay, 30.0))
+        time.sleep(min(delay, MAX_RETRY_WAIT_S))
 
     def _json(self, method: str, path: str, *, params: Mapping[str, Any] | None = None, json: Any = None,
               headers: Mapping[str, str] | None = None) -> Any:

@@ -1,7 +1,8 @@
 """Housekeeping that keeps object storage and the database in step: drain the outbox of
 object deletions, abort stale multipart uploads, remove objects without a row (older than
 a grace period), retry failed cleanups, expire idempotency records. Runs periodically in
-ext (one worker at a time, by advisory lock) and on demand (`tracepipe sweep`)."""
+ext (one worker at a time, by advisory lock) and on demand (`tracepipe sweep`). Also holds
+analyst sessions to their role's timeouts (every round, every worker: it is idempotent)."""
 
 from __future__ import annotations
 
@@ -34,6 +35,17 @@ async def drain_deletions(pool: AsyncConnectionPool, store: ObjectStore, batch: 
                 await conn.execute("select auth.finish_object_deletion(%s)", [prefix])
             done += 1
     return done
+
+
+async def stop_overrunning_analysts(pool: AsyncConnectionPool) -> int:
+    """Analysts may SET their own timeouts away; the database holds them to their role's."""
+    async with as_identity_service(pool) as conn:
+        cur = await conn.execute("select auth.stop_overrunning_analysts() as n")
+        row = await cur.fetchone()
+    stopped = int(row["n"]) if row else 0
+    if stopped:
+        log.info("stopped %d analyst session(s) past their role's timeouts", stopped)
+    return stopped
 
 
 async def sweep(pool: AsyncConnectionPool, store: ObjectStore, settings: ExtSettings,
@@ -70,6 +82,7 @@ async def run_forever(app_state: Any) -> None:
         try:
             await app_state.store.retry_cleanups()
             await drain_deletions(app_state.pool, app_state.store)
+            await stop_overrunning_analysts(app_state.pool)
             if waited >= settings.sweep_interval_s:
                 waited = 0
                 async with app_state.pool.connection() as conn:

@@ -230,6 +230,26 @@ def test_statement_timeout_fires(make_analyst: Callable[..., Analyst]) -> None:
             conn.execute("select count(*) from analytics.suites, pg_sleep(3)")
 
 
+def test_an_analyst_cannot_set_its_timeouts_away(make_analyst: Callable[..., Analyst]) -> None:
+    """The watchdog in ext holds a session to its role's limits whatever it SETs."""
+    a = make_analyst(env={"TP_STATEMENT_TIMEOUT_ANALYST": "1s", "TP_ANALYST_IDLE_IN_TRANSACTION_TIMEOUT": "1s"})
+    with connect(a.url) as conn:
+        conn.execute("set statement_timeout = 0")
+        started = time.monotonic()
+        with pytest.raises(errors.QueryCanceled):
+            conn.execute("select pg_sleep(60)")
+        assert time.monotonic() - started < 15
+        assert conn.execute("select 1 as ok").fetchone() == {"ok": 1}  # the session itself lives on
+    with connect(a.url) as conn:
+        conn.autocommit = False
+        conn.execute("set idle_in_transaction_session_timeout = 0")
+        conn.execute("select 1")
+        time.sleep(8)  # the role's 1 s, plus a round of the watchdog (5 s)
+        with pytest.raises(psycopg.OperationalError):
+            conn.execute("select 1")
+        assert conn.closed
+
+
 def test_temp_file_limit_and_idle_in_transaction_timeout_fire(make_analyst: Callable[..., Analyst]) -> None:
     a = make_analyst(env={"TP_ANALYST_TEMP_FILE_LIMIT": "1MB", "TP_ANALYST_IDLE_IN_TRANSACTION_TIMEOUT": "1s"})
     with connect(a.url) as conn:

@@ -10,9 +10,10 @@ Guards: PostgreSQL does not hand ALTER ROLE settings of a group down to its memb
 statement timeout, work_mem, temp_file_limit, idle-in-transaction timeout, read-only default
 and the connection limit are set on every analyst login role, at creation and again by every
 migrate (`reapply_guards`, from `migrate.bootstrap`), so a changed setting reaches existing
-analysts. temp_file_limit is superuser-only and holds; the others are session defaults an
-analyst could change for itself (SET statement_timeout): they protect against mistakes,
-while the connection limit and temp_file_limit bound what a deliberate one can take.
+analysts. temp_file_limit is superuser-only and holds; statement_timeout and the
+idle-in-transaction timeout are session defaults an analyst could change for itself, so
+ext's watchdog (auth.stop_overrunning_analysts, every few seconds) holds each session to its
+role's values: a query past them is cancelled, an idle transaction ended.
 
 Creating and dropping roles needs the superuser connection of the local stack.
 """

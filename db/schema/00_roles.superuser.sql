@@ -40,3 +40,9 @@ comment on role tp_analyst is 'Group role of analysts'' own login roles. Read-on
 
 grant anon, tp_user, tp_pipeline, tp_admin, tp_auth to authenticator;
 revoke tp_owner, tp_analyst from authenticator;
+
+-- The analysts' watchdog (auth.stop_overrunning_analysts, SECURITY DEFINER, owned by
+-- tp_owner) sees other sessions' state and cancels their queries: an analyst can SET its
+-- own statement_timeout and idle_in_transaction_session_timeout away, the watchdog holds
+-- them to the values on the analyst's role. Neither role lets tp_owner signal a superuser.
+grant pg_signal_backend, pg_read_all_stats to tp_owner;

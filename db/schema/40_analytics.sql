@@ -166,3 +166,49 @@ grant select (role_name, suites, created_at) on app.analysts to tp_analyst;
 
 revoke all on all tables in schema analytics from public, tp_analyst;
 grant select on all tables in schema analytics to tp_analyst;
+
+-- The analysts' watchdog. statement_timeout and idle_in_transaction_session_timeout are
+-- session settings an analyst may change for itself; this holds every analyst session to
+-- the values on its login role (set by `tracepipe analyst create` and every migrate):
+-- a query running longer is cancelled, a transaction idle longer is ended. ext calls it
+-- every TP_EXT_CLEANUP_RETRY_S (5 s). Returns how many sessions it stopped.
+create or replace function auth.stop_overrunning_analysts() returns integer
+    language sql volatile security definer
+    set search_path = ''
+as $$
+    -- MATERIALIZED and CASE: the signals must only ever be evaluated for analyst sessions
+    -- past their limit (an inlined CTE let the planner test them on every backend first).
+    with analyst_sessions as materialized (
+        select a.pid, a.state, a.query_start, a.state_change,
+               (select case when split_part(c, '=', 2) ~ '^[0-9]+$' then (split_part(c, '=', 2) || ' ms')::interval
+                            else split_part(c, '=', 2)::interval end
+                from pg_catalog.pg_db_role_setting s, unnest(s.setconfig) c
+                where s.setrole = a.usesysid and s.setdatabase = 0 and c like 'statement_timeout=%') as max_runtime,
+               (select case when split_part(c, '=', 2) ~ '^[0-9]+$' then (split_part(c, '=', 2) || ' ms')::interval
+                            else split_part(c, '=', 2)::interval end
+                from pg_catalog.pg_db_role_setting s, unnest(s.setconfig) c
+                where s.setrole = a.usesysid and s.setdatabase = 0
+                  and c like 'idle\_in\_transaction\_session\_timeout=%') as max_idle
+        from pg_catalog.pg_stat_activity a
+        where a.backend_type = 'client backend' and a.pid <> pg_catalog.pg_backend_pid()
+          and a.usesysid in (select m.member from pg_catalog.pg_auth_members m
+                             where m.roleid = 'tp_analyst'::pg_catalog.regrole)
+    )
+    select count(*) filter (where stopped)::integer
+    from (
+        select case
+                   when l.state = 'active' and l.max_runtime > interval '0'
+                        and l.query_start < now() - l.max_runtime
+                       then pg_catalog.pg_cancel_backend(l.pid)
+                   when l.state in ('idle in transaction', 'idle in transaction (aborted)')
+                        and l.max_idle > interval '0' and l.state_change < now() - l.max_idle
+                       then pg_catalog.pg_terminate_backend(l.pid)
+                   else false
+               end as stopped
+        from analyst_sessions l
+    ) signalled
+$$;
+comment on function auth.stop_overrunning_analysts() is
+    'Cancels analyst queries running past their role''s statement_timeout and ends transactions idle past its idle_in_transaction_session_timeout.';
+revoke all on function auth.stop_overrunning_analysts() from public;
+grant execute on function auth.stop_overrunning_analysts() to tp_auth;

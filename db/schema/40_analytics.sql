@@ -167,6 +167,21 @@ grant select (role_name, suites, created_at) on app.analysts to tp_analyst;
 revoke all on all tables in schema analytics from public, tp_analyst;
 grant select on all tables in schema analytics to tp_analyst;
 
+-- A duration setting stored on a role (ALTER ROLE ... SET, all databases) as an interval:
+-- '30s', '5min', or a bare number of milliseconds; null when the role has none.
+create or replace function auth.role_duration_setting(role_id oid, setting text) returns interval
+    language sql stable
+    set search_path = ''
+as $$
+    select case when v ~ '^[0-9]+$' then (v || ' ms')::interval else v::interval end
+    from (select pg_catalog.split_part(c, '=', 2) as v
+          from pg_catalog.pg_db_role_setting s, pg_catalog.unnest(s.setconfig) c
+          where s.setrole = role_id and s.setdatabase = 0
+            and pg_catalog.split_part(c, '=', 1) = setting) found
+$$;
+comment on function auth.role_duration_setting(oid, text) is 'A role''s own duration setting (e.g. statement_timeout) as an interval.';
+revoke all on function auth.role_duration_setting(oid, text) from public;
+
 -- The analysts' watchdog. statement_timeout and idle_in_transaction_session_timeout are
 -- session settings an analyst may change for itself; this holds every analyst session to
 -- the values on its login role (set by `tracepipe analyst create` and every migrate):
@@ -180,15 +195,8 @@ as $$
     -- past their limit (an inlined CTE let the planner test them on every backend first).
     with analyst_sessions as materialized (
         select a.pid, a.state, a.query_start, a.state_change,
-               (select case when split_part(c, '=', 2) ~ '^[0-9]+$' then (split_part(c, '=', 2) || ' ms')::interval
-                            else split_part(c, '=', 2)::interval end
-                from pg_catalog.pg_db_role_setting s, unnest(s.setconfig) c
-                where s.setrole = a.usesysid and s.setdatabase = 0 and c like 'statement_timeout=%') as max_runtime,
-               (select case when split_part(c, '=', 2) ~ '^[0-9]+$' then (split_part(c, '=', 2) || ' ms')::interval
-                            else split_part(c, '=', 2)::interval end
-                from pg_catalog.pg_db_role_setting s, unnest(s.setconfig) c
-                where s.setrole = a.usesysid and s.setdatabase = 0
-                  and c like 'idle\_in\_transaction\_session\_timeout=%') as max_idle
+               auth.role_duration_setting(a.usesysid, 'statement_timeout') as max_runtime,
+               auth.role_duration_setting(a.usesysid, 'idle_in_transaction_session_timeout') as max_idle
         from pg_catalog.pg_stat_activity a
         where a.backend_type = 'client backend' and a.pid <> pg_catalog.pg_backend_pid()
           and a.usesysid in (select m.member from pg_catalog.pg_auth_members m

@@ -163,6 +163,15 @@ def print_json(value: Any) -> None:
     print(json.dumps(value, indent=2, ensure_ascii=False))
 
 
+def emit(args: argparse.Namespace, value: Any, for_people: Callable[[], None]) -> int:
+    """The command's result: the value as JSON with --json, else what `for_people` prints."""
+    if args.json:
+        print_json(value)
+    else:
+        for_people()
+    return EXIT_OK
+
+
 def print_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, Callable[[Mapping[str, Any]], Any]]],
                 empty: str) -> None:
     if not rows:
@@ -264,15 +273,11 @@ def cmd_key_create(args: argparse.Namespace) -> int:
 def cmd_key_list(args: argparse.Namespace) -> int:
     with connect(args) as tp:
         keys = tp.list_api_keys()
-    if args.json:
-        print_json(keys)
-        return EXIT_OK
-    print_table(keys, [("id", col("id")), ("name", col("name")), ("prefix", col("prefix")),
-                       ("access", col("access")),
-                       ("suites", lambda k: len(k["suites"]) if k.get("suites") else "all"),
-                       ("expires", when("expires_at")), ("last used", when("last_used_at")),
-                       ("state", key_state)], "no API keys")
-    return EXIT_OK
+    return emit(args, keys, lambda: print_table(
+        keys, [("id", col("id")), ("name", col("name")), ("prefix", col("prefix")), ("access", col("access")),
+               ("suites", lambda k: len(k["suites"]) if k.get("suites") else "all"),
+               ("expires", when("expires_at")), ("last used", when("last_used_at")), ("state", key_state)],
+        "no API keys"))
 
 
 @command
@@ -289,11 +294,7 @@ def cmd_key_revoke(args: argparse.Namespace) -> int:
                 raise CliError(f"{len(matches)} active keys are named {args.key!r}: pass the id")
             key_id = matches[0]["id"]
         key = tp.revoke_api_key(key_id)
-    if args.json:
-        print_json(key)
-    else:
-        print(f"revoked {key.get('name')} ({key.get('prefix')}, {key.get('id')})")
-    return EXIT_OK
+    return emit(args, key, lambda: print(f"revoked {key.get('name')} ({key.get('prefix')}, {key.get('id')})"))
 
 
 # --- suite --------------------------------------------------------------------------------------------
@@ -306,12 +307,9 @@ def cmd_suite_list(args: argparse.Namespace) -> int:
     with connect(args) as tp:
         suites = tp.list_suites({"order": "slug"})
         roles = {m["suite_id"]: m["role"] for m in tp.me().get("memberships", [])}
-    if args.json:
-        print_json(suites)
-        return EXIT_OK
-    print_table(suites, [("id", col("id")), ("slug", col("slug")), ("name", col("name")),
-                         ("role", lambda s: roles.get(s["id"])), ("created", when("created_at"))], "no suites")
-    return EXIT_OK
+    return emit(args, suites, lambda: print_table(
+        suites, [("id", col("id")), ("slug", col("slug")), ("name", col("name")),
+                 ("role", lambda s: roles.get(s["id"])), ("created", when("created_at"))], "no suites"))
 
 
 @command
@@ -319,11 +317,7 @@ def cmd_suite_create(args: argparse.Namespace) -> int:
     slug = args.slug or slugify(args.name)
     with connect(args) as tp:
         suite = tp.create_suite(args.name, slug, args.description)
-    if args.json:
-        print_json(suite)
-    else:
-        print_fields(suite, SUITE_FIELDS)
-    return EXIT_OK
+    return emit(args, suite, lambda: print_fields(suite, SUITE_FIELDS))
 
 
 @command
@@ -365,45 +359,31 @@ def cmd_suite_delete(args: argparse.Namespace) -> int:
             raise CliError("not deleted")
     with connect(args) as tp:
         suite = tp.delete_suite(suite_id(tp, args.suite))
-    if args.json:
-        print_json(suite)
-    else:
-        print(f"deleted suite {suite.get('slug')} ({suite.get('id')})")
-    return EXIT_OK
+    return emit(args, suite, lambda: print(f"deleted suite {suite.get('slug')} ({suite.get('id')})"))
 
 
 @command
 def cmd_member_add(args: argparse.Namespace) -> int:
     with connect(args) as tp:
         member = tp.add_member(suite_id(tp, args.suite), args.user_id, args.role)
-    if args.json:
-        print_json(member)
-    else:
-        print(f"{member['user_id']} is {member['role']} of suite {member['suite_id']}")
-    return EXIT_OK
+    return emit(args, member,
+                lambda: print(f"{member['user_id']} is {member['role']} of suite {member['suite_id']}"))
 
 
 @command
 def cmd_member_list(args: argparse.Namespace) -> int:
     with connect(args) as tp:
         members = tp.list_members(suite_id(tp, args.suite))
-    if args.json:
-        print_json(members)
-        return EXIT_OK
-    print_table(members, [("user_id", col("user_id")), ("role", col("role")), ("since", when("created_at"))],
-                "no members")
-    return EXIT_OK
+    return emit(args, members, lambda: print_table(
+        members, [("user_id", col("user_id")), ("role", col("role")), ("since", when("created_at"))], "no members"))
 
 
 @command
 def cmd_member_remove(args: argparse.Namespace) -> int:
     with connect(args) as tp:
         member = tp.remove_member(suite_id(tp, args.suite), args.user_id)
-    if args.json:
-        print_json(member)
-    else:
-        print(f"removed {member.get('user_id')} from suite {member.get('suite_id')}")
-    return EXIT_OK
+    return emit(args, member,
+                lambda: print(f"removed {member.get('user_id')} from suite {member.get('suite_id')}"))
 
 
 @command
@@ -414,23 +394,16 @@ def cmd_action_add(args: argparse.Namespace) -> int:
     with connect(args) as tp:
         action = tp.create_action(suite_id(tp, args.suite), args.name, description=args.description,
                                   input_schema=schema)
-    if args.json:
-        print_json(action)
-    else:
-        print_fields(action, ["id", "suite_id", "name", "description", "input_schema", "created_at"])
-    return EXIT_OK
+    return emit(args, action,
+                lambda: print_fields(action, ["id", "suite_id", "name", "description", "input_schema", "created_at"]))
 
 
 @command
 def cmd_action_list(args: argparse.Namespace) -> int:
     with connect(args) as tp:
         actions = tp.list_actions(suite_id(tp, args.suite), {"order": "name"})
-    if args.json:
-        print_json(actions)
-        return EXIT_OK
-    print_table(actions, [("id", col("id")), ("name", col("name")), ("description", col("description"))],
-                "no actions")
-    return EXIT_OK
+    return emit(args, actions, lambda: print_table(
+        actions, [("id", col("id")), ("name", col("name")), ("description", col("description"))], "no actions"))
 
 
 # --- session ------------------------------------------------------------------------------------------
@@ -481,11 +454,7 @@ def cmd_session_list(args: argparse.Namespace) -> int:
         if args.suite:
             filters["suite_id"] = f"eq.{suite_id(tp, args.suite)}"
         sessions = tp.list_sessions(filters)
-    if args.json:
-        print_json(sessions)
-        return EXIT_OK
-    print_table(sessions, SESSION_COLUMNS, "no sessions")
-    return EXIT_OK
+    return emit(args, sessions, lambda: print_table(sessions, SESSION_COLUMNS, "no sessions"))
 
 
 @command
@@ -502,11 +471,8 @@ def cmd_session_download(args: argparse.Namespace) -> int:
             raise
         bar.finish()
     size = dest.stat().st_size
-    if args.json:
-        print_json({"id": args.id, "path": str(dest), "size_bytes": size})
-    else:
-        print(f"{dest}  {human_bytes(size)}  (sha256 checked)")
-    return EXIT_OK
+    return emit(args, {"id": args.id, "path": str(dest), "size_bytes": size},
+                lambda: print(f"{dest}  {human_bytes(size)}  (sha256 checked)"))
 
 
 # --- example --------------------------------------------------------------------------------------------
@@ -522,13 +488,10 @@ def cmd_example_list(args: argparse.Namespace) -> int:
         if args.suite:
             filters["suite_id"] = f"eq.{suite_id(tp, args.suite)}"
         examples = tp.list_examples(filters)
-    if args.json:
-        print_json(examples)
-        return EXIT_OK
-    print_table(examples, [("id", col("id")), ("suite_id", col("suite_id")), ("model", col("model")),
-                           ("messages", col("message_count")), ("size", lambda e: human_bytes(e["size_bytes"])),
-                           ("created", when("created_at"))], "no examples")
-    return EXIT_OK
+    return emit(args, examples, lambda: print_table(
+        examples, [("id", col("id")), ("suite_id", col("suite_id")), ("model", col("model")),
+                   ("messages", col("message_count")), ("size", lambda e: human_bytes(e["size_bytes"])),
+                   ("created", when("created_at"))], "no examples"))
 
 
 @command
@@ -546,12 +509,9 @@ def cmd_example_export(args: argparse.Namespace) -> int:
             bar.abort()
             raise
         bar.finish()
-    if args.json:
-        print_json({"path": str(result.path), "examples": result.examples, "bytes": result.bytes,
-                    "pages": result.pages})
-    else:
-        print(f"{result.path}  {result.examples} examples  {human_bytes(result.bytes)}")
-    return EXIT_OK
+    return emit(args, {"path": str(result.path), "examples": result.examples, "bytes": result.bytes,
+                       "pages": result.pages},
+                lambda: print(f"{result.path}  {result.examples} examples  {human_bytes(result.bytes)}"))
 
 
 # --- demo ---------------------------------------------------------------------------------------------

@@ -157,6 +157,18 @@ def create_suite(user: User, **fields: Any) -> dict[str, Any]:
     return dict(r.json())
 
 
+@pytest.fixture(scope="module")
+def person(make_user: Callable[..., User]) -> User:
+    """An account of the test module's own."""
+    return make_user()
+
+
+@pytest.fixture(scope="module")
+def suite(person: User) -> dict[str, Any]:
+    """A suite `person` owns (a module may define its own `suite`)."""
+    return create_suite(person)
+
+
 def add_member(owner: User, suite_id: str, member: User, role: str) -> None:
     r = owner.client.post(f"/suites/{suite_id}/members", json={"user_id": member.id, "role": role})
     assert r.status_code == 201, r.text

@@ -24,16 +24,6 @@ from tracepipe.stack import Stack
 JSON = {"Content-Type": "application/json"}
 
 
-@pytest.fixture(scope="module")
-def person(make_user: Callable[..., User]) -> User:
-    return make_user()
-
-
-@pytest.fixture(scope="module")
-def suite(person: User) -> dict[str, Any]:
-    return create_suite(person)
-
-
 # --- raw HTTP: request smuggling, malformed framing -----------------------------------------
 
 

@@ -15,19 +15,9 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import User, assert_error_body, create_suite, run_cli
+from tests.conftest import User, assert_error_body, run_cli
 from tests.resources import process_tree
 from tracepipe.stack import Stack
-
-
-@pytest.fixture(scope="module")
-def person(make_user: Callable[..., User]) -> User:
-    return make_user()
-
-
-@pytest.fixture(scope="module")
-def suite(person: User) -> dict[str, Any]:
-    return create_suite(person)
 
 
 def probes(suite: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:

@@ -185,9 +185,16 @@ def request_digest(content_sha256: str, extra: dict[str, Any]) -> str:
 
 
 async def idempotent_result(conn: psycopg.AsyncConnection[Any], scope: str, key: str) -> dict[str, Any] | None:
+    """The first result of (caller, scope, key), as this token may see it now: the row is
+    read again through the api view under the caller's RLS, so a narrower token of the same
+    person (a suite-scoped or read-only key) never gets a row it could not GET (`visible`
+    is false, and the replay answers 404)."""
     cur = await conn.execute(
-        "select request_sha256, response from app.idempotency_keys"
-        " where user_id = auth.uid() and scope = %s and key = %s", [scope, key])
+        psycopg.sql.SQL(
+            "select k.request_sha256, (select to_json(v) from api.{} v where v.id = k.resource_id) as response"
+            " from app.idempotency_keys k"
+            " where k.user_id = auth.uid() and k.scope = %s and k.key = %s").format(psycopg.sql.Identifier(scope)),
+        [scope, key])
     return await cur.fetchone()
 
 
@@ -196,6 +203,8 @@ def replayed(record: dict[str, Any], digest: str) -> JSONResponse:
     if record["request_sha256"] != digest:
         raise ApiError(409, "TP409", "Idempotency-Key was already used for a different request",
                        None, "Use a new Idempotency-Key for a new upload.")
+    if record["response"] is None:  # the first result is not this token's to see (or is gone)
+        raise ApiError(404, "TP404", "not found", None)
     return JSONResponse(record["response"], status_code=201, headers={"Idempotent-Replayed": "true"})
 
 

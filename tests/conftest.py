@@ -169,9 +169,22 @@ def suite(person: User) -> dict[str, Any]:
     return create_suite(person)
 
 
-def add_member(owner: User, suite_id: str, member: User, role: str) -> None:
+def invite(owner: User, suite_id: str, member: User, role: str) -> None:
+    """An invitation (DESIGN §9): it grants nothing until the invitee accepts."""
     r = owner.client.post(f"/suites/{suite_id}/members", json={"user_id": member.id, "role": role})
     assert r.status_code == 201, r.text
+
+
+def accept(member: User, suite_id: str) -> None:
+    r = member.client.patch(f"/suites/{suite_id}/members", params={"user_id": f"eq.{member.id}"},
+                            json={"accepted": True}, headers={"Prefer": "return=representation"})
+    assert r.status_code == 200 and len(r.json()) == 1 and r.json()[0]["accepted"], r.text
+
+
+def add_member(owner: User, suite_id: str, member: User, role: str) -> None:
+    """An accepted membership: the owner invites, the member accepts."""
+    invite(owner, suite_id, member, role)
+    accept(member, suite_id)
 
 
 def assert_error_body(r: httpx.Response) -> dict[str, Any]:

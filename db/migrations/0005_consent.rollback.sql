@@ -13,3 +13,5 @@ alter table app.suite_members
     drop column if exists invitee;
 alter table app.suite_members alter column user_id set not null;
 alter table app.users drop column if exists email_verified_at;
+drop index if exists app.suites_created_by_slug_key;
+alter table app.suites add constraint suites_slug_key unique (slug);

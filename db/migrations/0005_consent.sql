@@ -3,7 +3,12 @@
 -- account id (invitee) or by email (invitee_email, normalised); user_id is the account
 -- that holds the membership, known once it is accepted (or from the start for a suite's
 -- creator). Emails reach invitations only once verified (users.email_verified_at).
+-- Slugs are unique among the suites of their creator, not across all accounts (a clash
+-- with a suite the caller cannot see is never reported); upserts use (created_by, slug).
 -- depends: 0004_auth_throttle
+
+alter table app.suites drop constraint suites_slug_key;
+create unique index suites_created_by_slug_key on app.suites (created_by, slug);
 
 alter table app.users add column email_verified_at timestamptz;
 comment on column app.users.email_verified_at is

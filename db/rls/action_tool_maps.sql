@@ -14,13 +14,13 @@ create policy "the pipeline and admins read every suite's bindings" on app.actio
 drop policy if exists "editors add bindings to their suites" on app.action_tool_maps;
 create policy "editors add bindings to their suites" on app.action_tool_maps
     for insert to tp_user
-    with check (suite_id = any ((select auth.suites_with('editor'))::uuid[]));
+    with check (suite_id = any ((select auth.suites_with('editor'))::uuid[]) and auth.token_reaches(suite_id));
 
 drop policy if exists "editors change their suites' bindings" on app.action_tool_maps;
 create policy "editors change their suites' bindings" on app.action_tool_maps
     for update to tp_user
     using (suite_id = any ((select auth.suites_with('viewer'))::uuid[]))
-    with check (suite_id = any ((select auth.suites_with('editor'))::uuid[]));
+    with check (suite_id = any ((select auth.suites_with('editor'))::uuid[]) and auth.token_reaches(suite_id));
 
 drop policy if exists "members reach their suites' bindings for deletion" on app.action_tool_maps;
 create policy "members reach their suites' bindings for deletion" on app.action_tool_maps
@@ -29,7 +29,7 @@ create policy "members reach their suites' bindings for deletion" on app.action_
 
 drop policy if exists "admins change every suite's bindings" on app.action_tool_maps;
 create policy "admins change every suite's bindings" on app.action_tool_maps
-    for all to tp_admin using (true) with check (true);
+    for all to tp_admin using (true) with check (auth.token_reaches(suite_id));
 
 -- Only editors and owners delete: a viewer gets 403, not a silent 404.
 drop trigger if exists only_editors_delete on app.action_tool_maps;

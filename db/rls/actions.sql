@@ -14,13 +14,13 @@ create policy "the pipeline and admins read every suite's actions" on app.action
 drop policy if exists "editors add actions to their suites" on app.actions;
 create policy "editors add actions to their suites" on app.actions
     for insert to tp_user
-    with check (suite_id = any ((select auth.suites_with('editor'))::uuid[]));
+    with check (suite_id = any ((select auth.suites_with('editor'))::uuid[]) and auth.token_reaches(suite_id));
 
 drop policy if exists "editors change their suites' actions" on app.actions;
 create policy "editors change their suites' actions" on app.actions
     for update to tp_user
     using (suite_id = any ((select auth.suites_with('viewer'))::uuid[]))
-    with check (suite_id = any ((select auth.suites_with('editor'))::uuid[]));
+    with check (suite_id = any ((select auth.suites_with('editor'))::uuid[]) and auth.token_reaches(suite_id));
 
 drop policy if exists "members reach their suites' actions for deletion" on app.actions;
 create policy "members reach their suites' actions for deletion" on app.actions
@@ -29,7 +29,7 @@ create policy "members reach their suites' actions for deletion" on app.actions
 
 drop policy if exists "admins change every suite's actions" on app.actions;
 create policy "admins change every suite's actions" on app.actions
-    for all to tp_admin using (true) with check (true);
+    for all to tp_admin using (true) with check (auth.token_reaches(suite_id));
 
 -- Only editors and owners delete: a viewer gets 403, not a silent 404.
 drop trigger if exists only_editors_delete on app.actions;

@@ -6,20 +6,20 @@ alter table app.api_keys force row level security;
 drop policy if exists "people see their own keys" on app.api_keys;
 create policy "people see their own keys" on app.api_keys
     for select to tp_user, tp_pipeline, tp_admin
-    using (user_id = (select auth.uid()));
+    using (user_id = (select auth.uid()) and not (select auth.is_suite_scoped()));
 
 drop policy if exists "people create their own keys with a session token" on app.api_keys;
 create policy "people create their own keys with a session token" on app.api_keys
     for insert to tp_user, tp_pipeline, tp_admin
     with check (user_id = (select auth.uid())
-                and not ((select auth.claims()) ? 'key_id')
+                and not ((select auth.claims()) ? 'key_id') and (select auth.token_reaches(null))
                 and (suites is null or suites <@ (select auth.suites_with('viewer'))));
 
 drop policy if exists "people revoke their own keys" on app.api_keys;
 create policy "people revoke their own keys" on app.api_keys
     for update to tp_user, tp_pipeline, tp_admin
-    using (user_id = (select auth.uid()))
-    with check (user_id = (select auth.uid()));
+    using (user_id = (select auth.uid()) and not (select auth.is_suite_scoped()))
+    with check (user_id = (select auth.uid()) and (select auth.token_reaches(null)));
 
 drop policy if exists "analysts read the keys of the people they may read" on app.api_keys;
 create policy "analysts read the keys of the people they may read" on app.api_keys

@@ -11,14 +11,14 @@ drop policy if exists "people add servers to the catalog" on app.mcp_servers;
 create policy "people add servers to the catalog" on app.mcp_servers
     for insert to tp_user
     with check (created_by = (select auth.uid())
-                and (select auth.can_write()) and not (select auth.is_suite_scoped()));
+                and (select auth.token_reaches(null)));
 
 drop policy if exists "creators change their servers" on app.mcp_servers;
 create policy "creators change their servers" on app.mcp_servers
     for update to tp_user
     using (true)
     with check (created_by = (select auth.uid())
-                and (select auth.can_write()) and not (select auth.is_suite_scoped()));
+                and (select auth.token_reaches(null)));
 
 drop policy if exists "everyone signed in reaches servers for deletion" on app.mcp_servers;
 create policy "everyone signed in reaches servers for deletion" on app.mcp_servers
@@ -26,7 +26,7 @@ create policy "everyone signed in reaches servers for deletion" on app.mcp_serve
 
 drop policy if exists "admins manage the catalog" on app.mcp_servers;
 create policy "admins manage the catalog" on app.mcp_servers
-    for all to tp_admin using (true) with check (true);
+    for all to tp_admin using (true) with check ((select auth.token_reaches(null)));
 
 drop trigger if exists only_creators_delete on app.mcp_servers;
 create trigger only_creators_delete before delete on app.mcp_servers

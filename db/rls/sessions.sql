@@ -16,20 +16,21 @@ create policy "the pipeline and admins read every session" on app.sessions
 drop policy if exists "people upload their own sessions" on app.sessions;
 create policy "people upload their own sessions" on app.sessions
     for insert to tp_user, tp_admin
-    with check (user_id = (select auth.uid()) and (select auth.can_write())
-                and ((suite_id is null and not (select auth.is_suite_scoped()))
-                     or suite_id = any ((select auth.suites_with('viewer'))::uuid[])));
+    with check (user_id = (select auth.uid()) and auth.token_reaches(suite_id)
+                and (suite_id is null or suite_id = any ((select auth.suites_with('viewer'))::uuid[])));
 
 drop policy if exists "uploaders annotate their sessions" on app.sessions;
 create policy "uploaders annotate their sessions" on app.sessions
     for update to tp_user, tp_admin
-    using (user_id = (select auth.uid()))
-    with check (user_id = (select auth.uid()) and (select auth.can_write()));
+    using ((user_id = (select auth.uid()) and not (select auth.is_suite_scoped()))
+           or suite_id = any ((select auth.suites_with('viewer'))::uuid[]))
+    with check (user_id = (select auth.uid()) and auth.token_reaches(suite_id)
+                and (suite_id is null or suite_id = any ((select auth.suites_with('viewer'))::uuid[])));
 
 drop policy if exists "uploaders delete their sessions" on app.sessions;
 drop policy if exists "admins delete every session" on app.sessions;
 create policy "admins delete every session" on app.sessions
-    for delete to tp_admin using (true);
+    for delete to tp_admin using (auth.token_reaches(suite_id));
 
 -- Whoever may read a session reaches it for deletion; only its uploader (with a token
 -- that may write) deletes it: the others get 403, not a silent 404.

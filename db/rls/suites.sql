@@ -15,18 +15,17 @@ create policy "the pipeline and admins read every suite" on app.suites
 drop policy if exists "people create suites they will own" on app.suites;
 create policy "people create suites they will own" on app.suites
     for insert to tp_user, tp_admin
-    with check (created_by = (select auth.uid())
-                and (select auth.can_write()) and not (select auth.is_suite_scoped()));
+    with check (created_by = (select auth.uid()) and (select auth.token_reaches(null)));
 
 drop policy if exists "owners update their suites" on app.suites;
 create policy "owners update their suites" on app.suites
     for update to tp_user
     using (id = any ((select auth.suites_with('viewer'))::uuid[]))
-    with check (id = any ((select auth.suites_with('owner'))::uuid[]));
+    with check (id = any ((select auth.suites_with('owner'))::uuid[]) and auth.token_reaches(id));
 
 drop policy if exists "admins update every suite" on app.suites;
 create policy "admins update every suite" on app.suites
-    for update to tp_admin using (true) with check (true);
+    for update to tp_admin using (true) with check (auth.token_reaches(id));
 
 drop policy if exists "members reach their suites for deletion" on app.suites;
 create policy "members reach their suites for deletion" on app.suites
@@ -35,7 +34,7 @@ create policy "members reach their suites for deletion" on app.suites
 
 drop policy if exists "admins delete every suite" on app.suites;
 create policy "admins delete every suite" on app.suites
-    for delete to tp_admin using (true);
+    for delete to tp_admin using (auth.token_reaches(id));
 
 -- Only owners delete a suite: a viewer or editor gets 403, not a silent 404.
 drop trigger if exists only_owners_delete on app.suites;

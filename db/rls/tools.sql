@@ -10,14 +10,14 @@ drop policy if exists "server creators add tools" on app.tools;
 create policy "server creators add tools" on app.tools
     for insert to tp_user
     with check (mcp_server_id = any ((select auth.my_mcp_servers())::uuid[])
-                and (select auth.can_write()) and not (select auth.is_suite_scoped()));
+                and (select auth.token_reaches(null)));
 
 drop policy if exists "server creators change tools" on app.tools;
 create policy "server creators change tools" on app.tools
     for update to tp_user
     using (true)
     with check (mcp_server_id = any ((select auth.my_mcp_servers())::uuid[])
-                and (select auth.can_write()) and not (select auth.is_suite_scoped()));
+                and (select auth.token_reaches(null)));
 
 drop policy if exists "everyone signed in reaches tools for deletion" on app.tools;
 create policy "everyone signed in reaches tools for deletion" on app.tools
@@ -25,7 +25,7 @@ create policy "everyone signed in reaches tools for deletion" on app.tools
 
 drop policy if exists "admins manage every tool" on app.tools;
 create policy "admins manage every tool" on app.tools
-    for all to tp_admin using (true) with check (true);
+    for all to tp_admin using (true) with check ((select auth.token_reaches(null)));
 
 drop trigger if exists only_creators_delete on app.tools;
 create trigger only_creators_delete before delete on app.tools

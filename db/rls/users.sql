@@ -7,7 +7,7 @@ create policy "people see themselves and who shares a suite with them" on app.us
     for select to tp_user
     using (id = (select auth.uid())
            or id in (select m.user_id from app.suite_members m
-                     where m.suite_id = any ((select auth.suites_with('viewer'))::uuid[])));
+                     where m.accepted and m.suite_id = any ((select auth.suites_with('viewer'))::uuid[])));
 
 drop policy if exists "admins see every account" on app.users;
 create policy "admins see every account" on app.users
@@ -21,11 +21,11 @@ drop policy if exists "people edit their own profile" on app.users;
 create policy "people edit their own profile" on app.users
     for update to tp_user
     using (id = (select auth.uid()))
-    with check (id = (select auth.uid()) and (select auth.can_write()));
+    with check (id = (select auth.uid()) and (select auth.token_reaches(null)));
 
 drop policy if exists "admins edit every profile" on app.users;
 create policy "admins edit every profile" on app.users
-    for update to tp_admin using (true) with check (true);
+    for update to tp_admin using (true) with check ((select auth.token_reaches(null)));
 
 drop policy if exists "analysts read the people of the suites they may read" on app.users;
 create policy "analysts read the people of the suites they may read" on app.users

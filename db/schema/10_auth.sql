@@ -47,6 +47,37 @@ $$;
 comment on function auth.is_suite_scoped() is 'True for tokens of API keys limited to some suites. Cost: one setting read (inlined).';
 grant execute on function auth.is_suite_scoped() to tp_user, tp_pipeline, tp_admin;
 
+-- The suites a suite-scoped API key is limited to; null for every other token.
+create or replace function auth.token_suites() returns uuid[]
+    language sql stable
+as $$
+    select case when pg_catalog.jsonb_typeof(auth.claims() -> 'key_suites') = 'array'
+                then array(select x::pg_catalog.uuid from pg_catalog.jsonb_array_elements_text(auth.claims() -> 'key_suites') x)
+           end
+$$;
+comment on function auth.token_suites() is 'Suites a suite-scoped key is limited to; null for unscoped tokens. Cost: one setting read (inlined).';
+grant execute on function auth.token_suites() to tp_user, tp_pipeline, tp_admin;
+
+-- THE narrowing rule of every write (DESIGN §9 "Tokens narrow every write"): whether the
+-- caller's token may write a row that belongs to suite_id. A null suite_id is a row of no
+-- suite: the caller's profile, keys, untagged sessions, catalog entries — only a token that
+-- may write and is not limited to some suites reaches those. Every INSERT/UPDATE policy for
+-- people composes it (and every DELETE policy or its guard trigger), whatever else the
+-- policy checks, so a new table cannot forget the token: tests/test_schema_guards.py
+-- fails a policy that does not.
+create or replace function auth.token_reaches(suite_id uuid) returns boolean
+    language sql stable
+as $$
+    select auth.can_write()
+           and case when not auth.is_suite_scoped() then true
+                    when suite_id is null then false
+                    else coalesce(suite_id = any (auth.token_suites()), false)
+               end
+$$;
+comment on function auth.token_reaches(uuid) is
+    'Whether the token may write a row of this suite (null: a row of no suite). Read-only keys reach nothing; suite-scoped keys only their suites. Cost: one setting read (inlined); call as (select auth.token_reaches(null)) for rows of no suite.';
+grant execute on function auth.token_reaches(uuid) to tp_user, tp_pipeline, tp_admin;
+
 -- Rank of a suite role, so roles compare: viewer 1 < editor 2 < owner 3.
 create or replace function auth.role_rank(role text) returns integer
     language sql immutable
@@ -83,14 +114,14 @@ begin
     end if;
     select coalesce(array_agg(m.suite_id), '{}'::uuid[]) into found_suites
     from app.suite_members m
-    where m.user_id = caller
+    where m.user_id = caller and m.accepted
       and (case m.role::text when 'owner' then 3 when 'editor' then 2 else 1 end) >= wanted
       and (scoped is null or m.suite_id = any (scoped));
     return found_suites;
 end
 $$;
 comment on function auth.suites_with(text) is
-    'Suite ids where the caller''s effective role >= min_role. Cost: one index scan of suite_members by user; call as (select auth.suites_with(...)).';
+    'Suite ids where the caller has accepted a membership with effective role >= min_role (invitations grant nothing). Cost: one index scan of suite_members by user; call as (select auth.suites_with(...)).';
 grant execute on function auth.suites_with(text) to tp_user, tp_pipeline, tp_admin;
 
 -- Analysts (tp_analyst) hold a real SQL session and can SET request.jwt.claims to anything,
@@ -128,7 +159,7 @@ create or replace function auth.require_suite_role(suite_id uuid, min_role text)
     set search_path = ''
 as $$
 begin
-    if not suite_id = any (auth.suites_with(min_role)) then
+    if not (suite_id = any (auth.suites_with(min_role)) and auth.token_reaches(suite_id)) then
         raise insufficient_privilege
             using message = format('this needs the %s role in the suite', min_role),
                   hint = 'Ask an owner of the suite for a higher role, or use a key with write access to it.';

@@ -28,3 +28,37 @@ as $$
 $$;
 comment on function auth.my_mcp_servers() is 'Ids of the MCP servers the caller created. Cost: one scan of mcp_servers by creator; call as (select auth.my_mcp_servers()).';
 grant execute on function auth.my_mcp_servers() to tp_user, tp_admin;
+
+alter view api.tools alter column id set default app.unassigned_id();
+
+create or replace function app.tools_check_write() returns trigger
+    language plpgsql
+    set search_path = ''
+as $$
+begin
+    if new.mcp_server_id is null then
+        perform api_error.missing_field('mcp_server_id', 'Send mcp_server_id, or use /mcp-servers/{id}/tools.');
+    end if;
+    if not exists (select from app.mcp_servers s where s.id = new.mcp_server_id) then
+        perform api_error.raise(422, 'TP422', 'mcp_server_id names no MCP server of the catalog', '{"field": "mcp_server_id"}');
+    end if;
+    perform app.require_text('name', new.name, 200);
+    if new.input_schema is null or jsonb_typeof(new.input_schema) <> 'object' then
+        perform api_error.invalid_value('input_schema', 'a JSON Schema object');
+    end if;
+    if not app.is_upsert()
+       and exists (select from app.tools t where t.mcp_server_id = new.mcp_server_id and t.name = new.name and t.id <> new.id) then
+        perform api_error.conflict('name', pg_catalog.format('the server already has a tool named %s', new.name),
+                                   'Choose another name, or upsert with on_conflict=mcp_server_id,name.');
+    end if;
+    return new;
+end
+$$;
+comment on function app.tools_check_write() is 'BEFORE INSERT/UPDATE on tools: clear errors for missing or unknown servers, missing or taken names.';
+drop trigger if exists a_assign_id on app.tools;
+create trigger a_assign_id before insert on app.tools for each row execute function app.assign_id('api-only');
+drop trigger if exists m_check_write on app.tools;
+create trigger m_check_write before insert or update on app.tools for each row execute function app.tools_check_write();
+drop trigger if exists guard_in_use on app.tools;
+create trigger guard_in_use before update or delete on app.tools
+    for each row execute function app.guard_catalog_in_use();

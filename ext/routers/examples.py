@@ -92,9 +92,9 @@ async def _insert(conn: psycopg.AsyncConnection[Any], example_id: str, meta: Exa
             " values (%s, %s, %s, %s, %s, %s, %s, %s)",
             [example_id, meta.session_id, meta.suite_id, meta.model, lines, size, sha256, Jsonb(meta.metadata)])
     except psycopg.errors.InsufficientPrivilege:
-        raise ApiError(403, "42501", "you may not register examples in this suite",
-                       "registering needs a pipeline account or the editor role in the suite, and a token that "
-                       "may write to it") from None
+        raise ApiError(403, "42501", "you may not register examples in this suite or for this session",
+                       "registering needs a pipeline account or the editor role in the suite, a token that may "
+                       "write to it, and a session_id (if any) of a session you can read") from None
     except psycopg.errors.ForeignKeyViolation:
         raise ApiError(422, "TP422", "session_id or suite_id does not exist", None) from None
     return await api_row(conn, "examples", example_id)

@@ -161,7 +161,9 @@ def test_key_create_list_revoke(env: dict[str, str], owner: User, base_url: str)
     token = httpx.post(f"{base_url}/auth/token", headers={"Authorization": f"ApiKey {created['key']}"})
     assert token.status_code == 200
 
-    listed = run_cli(as_key(env, created["key"]), "key", "list").stdout
+    # A suite-scoped key never sees its owner's keys (DESIGN §9); the login does.
+    assert created["prefix"] not in run_cli(as_key(env, created["key"]), "key", "list").stdout
+    listed = run_cli(login, "key", "list").stdout
     row = next(line for line in listed.splitlines() if created["prefix"] in line)
     assert row.split()[:4] == [created["id"], "ci", created["prefix"], "read"] and row.endswith("active")
     assert created["key"] not in listed  # never the secret again
@@ -200,7 +202,14 @@ def test_suite_lifecycle(env: dict[str, str], owner: User, make_user: Callable[.
     assert re.search(rf"^{action['id']}\s+search\s+find$", actions, re.M)
 
     out = run_cli(login, "suite", "member", "add", slug, viewer.id, "--role", "viewer").stdout
-    assert out.strip() == f"{viewer.id} is viewer of suite {created['id']}"
+    assert out.strip() == f"{viewer.id} is invited as viewer of suite {created['id']}"
+    # The invitation grants nothing until the viewer accepts it (DESIGN §9).
+    as_viewer = as_login(env, viewer)
+    assert slug not in run_cli(as_viewer, "suite", "list").stdout
+    pending = run_cli(as_viewer, "suite", "member", "invitations").stdout
+    assert created["id"] in pending and created["name"] in pending
+    accepted = run_cli(as_viewer, "suite", "member", "accept", created["id"]).stdout
+    assert accepted.strip() == f"you are viewer of suite {created['id']}"
     members = run_cli(login, "suite", "member", "list", slug).stdout
     assert re.search(rf"^{owner.id}\s+owner\b", members, re.M) and re.search(rf"^{viewer.id}\s+viewer\b", members,
                                                                               re.M)
@@ -208,10 +217,9 @@ def test_suite_lifecycle(env: dict[str, str], owner: User, make_user: Callable[.
     assert "members (2)" in shown and "actions (1)" in shown and "search" in shown
 
     # The viewer sees the suite but may not add actions: the server's no, exit 1.
-    as_viewer = as_login(env, viewer)
     assert slug in run_cli(as_viewer, "suite", "list").stdout
     line = fails(as_viewer, "suite", "action", "add", slug, "other", code=1)
-    assert line.startswith("tracepipe: 403 42501")
+    assert line.startswith("tracepipe: 403 TP403")
     assert "keep at least one owner" in fails(login, "suite", "member", "remove", slug, owner.id, code=1)
     run_cli(login, "suite", "member", "remove", slug, viewer.id)
     assert "no suite with slug" in fails(as_viewer, "suite", "show", slug, code=1)

@@ -343,7 +343,7 @@ def test_errors_carry_the_api_body_and_status(tp: Client, base_url: str) -> None
 
     with pytest.raises(TracepipeError) as e:
         tp.create_suite("Bad", "NOT a slug")
-    assert e.value.status == 400 and e.value.code == "23514"
+    assert e.value.status == 422 and e.value.code == "TP422" and "slug" in e.value.message
 
     suite = tp.create_suite("Errors", unique("err"))
     with pytest.raises(TracepipeError) as e:

@@ -107,3 +107,66 @@ def test_the_claims_helpers_policies_call_are_inlined_by_the_planner(su: psycopg
     rank = su.execute("select auth.role_rank('viewer') as v, auth.role_rank('owner') as o,"
                       " auth.role_rank('nobody') as n").fetchone()
     assert rank == {"v": 1, "o": 3, "n": 0}
+
+
+PEOPLE = ("tp_user", "tp_pipeline", "tp_admin")
+NARROWS = ("token_reaches", "can_write")  # auth.token_reaches composes auth.can_write
+
+
+def test_every_write_policy_for_people_composes_the_token_narrowing(su: psycopg.Connection[dict[str, Any]]) -> None:
+    """In the spirit of supabase/splinter: a write policy that forgets the token's narrowing
+    lets a read-only or suite-scoped key write beyond it (issue 12). Every INSERT and UPDATE
+    policy for people checks auth.token_reaches (or auth.can_write, for rows of no suite
+    that every token of its person may write); every DELETE policy does, or its table has a
+    BEFORE DELETE guard trigger that does."""
+    policies = su.execute("""
+        select tablename, policyname, cmd, roles::text[] as roles, coalesce(qual, '') as qual,
+               coalesce(with_check, '') as with_check
+        from pg_policies where schemaname = 'app'
+    """).fetchall()
+    guarded = {r["table"] for r in su.execute("""
+        select c.relname as table from pg_trigger t
+        join pg_class c on c.oid = t.tgrelid join pg_namespace n on n.oid = c.relnamespace
+        join pg_proc p on p.oid = t.tgfoid
+        where n.nspname = 'app' and not t.tgisinternal and (t.tgtype & 8) = 8  -- DELETE
+          and (p.prosrc ~ 'token_reaches|require_suite_role')
+    """).fetchall()}
+    forgetful = []
+    for p in policies:
+        if not set(p["roles"]) & set(PEOPLE) or p["cmd"] == "SELECT":
+            continue
+        texts = {"INSERT": [p["with_check"]], "UPDATE": [p["with_check"]], "DELETE": [p["qual"]],
+                 "ALL": [p["with_check"]]}[p["cmd"]]
+        if any(any(n in t for n in NARROWS) for t in texts):
+            continue
+        if p["cmd"] == "DELETE" and p["tablename"] in guarded:
+            continue
+        forgetful.append((p["tablename"], p["policyname"], p["cmd"]))
+    assert forgetful == []
+
+
+def test_no_table_is_writable_by_people_without_a_narrowing_policy(su: psycopg.Connection[dict[str, Any]]) -> None:
+    """A write privilege on an app table (table- or column-level) comes with a policy for that
+    command that narrows by the token: otherwise RLS (permissive policies) would leave the
+    write to whatever other policy happens to match."""
+    rows = su.execute("""
+        select c.relname as table, r.rolname as role, priv
+        from pg_class c join pg_namespace n on n.oid = c.relnamespace
+        cross join (values ('tp_user'), ('tp_pipeline'), ('tp_admin')) r(rolname)
+        cross join (values ('INSERT'), ('UPDATE'), ('DELETE')) v(priv)
+        where n.nspname = 'app' and c.relkind = 'r'
+          and (has_table_privilege(r.rolname, c.oid, priv)
+               or (priv <> 'DELETE' and has_any_column_privilege(r.rolname, c.oid, priv)))
+    """).fetchall()
+    assert rows, "expected some writable tables"
+    policies = su.execute("""
+        select tablename, cmd, roles::text[] as roles, coalesce(qual, '') || coalesce(with_check, '') as text
+        from pg_policies where schemaname = 'app'
+    """).fetchall()
+    missing = []
+    for r in rows:
+        mine = [p for p in policies if p["tablename"] == r["table"] and p["cmd"] in (r["priv"], "ALL")
+                and (r["role"] in p["roles"] or "public" in p["roles"])]
+        if mine and not any(any(n in p["text"] for n in NARROWS) for p in mine) and r["priv"] != "DELETE":
+            missing.append((r["table"], r["role"], r["priv"]))
+    assert missing == []

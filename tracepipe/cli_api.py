@@ -306,7 +306,7 @@ SUITE_FIELDS = ["id", "slug", "name", "description", "created_by", "created_at",
 def cmd_suite_list(args: argparse.Namespace) -> int:
     with connect(args) as tp:
         suites = tp.list_suites({"order": "slug"})
-        roles = {m["suite_id"]: m["role"] for m in tp.me().get("memberships", [])}
+        roles = {m["suite_id"]: m["role"] for m in tp.me().get("memberships", []) if m.get("accepted", True)}
     return emit(args, suites, lambda: print_table(
         suites, [("id", col("id")), ("slug", col("slug")), ("name", col("name")),
                  ("role", lambda s: roles.get(s["id"])), ("created", when("created_at"))], "no suites"))
@@ -367,7 +367,23 @@ def cmd_member_add(args: argparse.Namespace) -> int:
     with connect(args) as tp:
         member = tp.add_member(suite_id(tp, args.suite), args.user_id, args.role)
     return emit(args, member,
-                lambda: print(f"{member['user_id']} is {member['role']} of suite {member['suite_id']}"))
+                lambda: print(f"{member['user_id']} is invited as {member['role']} of suite {member['suite_id']}"))
+
+
+@command
+def cmd_member_invitations(args: argparse.Namespace) -> int:
+    with connect(args) as tp:
+        pending = tp.invitations()
+    return emit(args, pending, lambda: print_table(
+        pending, [("suite_id", col("suite_id")), ("name", col("name")), ("role", col("role")),
+                  ("invited by", col("invited_by_name"))], "no invitations"))
+
+
+@command
+def cmd_member_accept(args: argparse.Namespace) -> int:
+    with connect(args) as tp:
+        member = tp.accept_invitation(args.suite_id)
+    return emit(args, member, lambda: print(f"you are {member['role']} of suite {member['suite_id']}"))
 
 
 @command
@@ -665,12 +681,18 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     member = _add(suites, "member", "who belongs to a suite, and as what (owners manage it)")
     members = member.add_subparsers(dest="member_command", required=True, metavar="ACTION")
-    p = _add(members, "add", "add a user to a suite", parents=[conn], func=cmd_member_add, path="suite member add")
+    p = _add(members, "add", "invite a user to a suite (it counts once they accept)", parents=[conn],
+             func=cmd_member_add, path="suite member add")
     p.add_argument("suite", help="id or slug")
     p.add_argument("user_id", help="the user's id (GET /users/me shows one's own)")
     p.add_argument("--role", choices=("viewer", "editor", "owner"), default="viewer",
                    help="viewer reads; editor also changes actions and bindings; owner also the suite and its "
                         "members (default viewer)")
+    _add(members, "invitations", "the invitations addressed to you", parents=[conn], func=cmd_member_invitations,
+         path="suite member invitations")
+    p = _add(members, "accept", "accept an invitation to a suite", parents=[conn], func=cmd_member_accept,
+             path="suite member accept")
+    p.add_argument("suite_id", help="the suite's id (suite member invitations lists them)")
     p = _add(members, "list", "a suite's members and their roles", parents=[conn], func=cmd_member_list,
              path="suite member list")
     p.add_argument("suite", help="id or slug")

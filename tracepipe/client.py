@@ -448,7 +448,24 @@ class Client:
         return cast(list[SuiteMember], self._json("GET", f"/suites/{suite_id}/members"))
 
     def add_member(self, suite_id: str, user_id: str, role: Literal["viewer", "editor", "owner"]) -> SuiteMember:
+        """Invites a user by id: the membership counts once they accept it."""
         return cast(SuiteMember, self._create(f"/suites/{suite_id}/members", {"user_id": user_id, "role": role}))
+
+    def invite(self, suite_id: str, *, email: str, role: Literal["viewer", "editor", "owner"]) -> SuiteMember:
+        """Invites an email: it reaches the account that has verified that address."""
+        return cast(SuiteMember, self._create(f"/suites/{suite_id}/members", {"email": email, "role": role}))
+
+    def invitations(self) -> list[dict[str, Any]]:
+        """The caller's pending invitations (from GET /users/me)."""
+        return [m for m in self.me().get("memberships", []) if not m.get("accepted", True)]
+
+    def accept_invitation(self, suite_id: str) -> SuiteMember:
+        me = self.me()
+        rows = self._json("PATCH", f"/suites/{suite_id}/members", params={"user_id": f"eq.{me['id']}"},
+                          json={"accepted": True}, headers={"Prefer": "return=representation"})
+        if not rows:
+            raise TracepipeError(404, "TP404", "no invitation to this suite", None, None)
+        return cast(SuiteMember, rows[0])
 
     def update_member(self, suite_id: str, user_id: str, role: Literal["viewer", "editor", "owner"]) -> SuiteMember:
         return cast(SuiteMember, self._json("PATCH", f"/suites/{suite_id}/members/{user_id}", json={"role": role}))

@@ -10,4 +10,4 @@ create policy "callers read their own idempotency keys" on app.idempotency_keys
 drop policy if exists "callers record their own idempotency keys" on app.idempotency_keys;
 create policy "callers record their own idempotency keys" on app.idempotency_keys
     for insert to tp_user, tp_pipeline, tp_admin
-    with check (user_id = (select auth.uid()));
+    with check (user_id = (select auth.uid()) and (select auth.can_write()));

@@ -8,7 +8,7 @@ comment on column api.actions.input_schema is 'JSON Schema (an object) of the ac
 
 revoke all on api.actions, app.actions from tp_user, tp_pipeline, tp_admin, anon;
 grant select, delete on app.actions, api.actions to tp_user, tp_admin;
-grant insert (id, suite_id, name, description, input_schema), update (name, description, input_schema)
+grant insert (id, suite_id, name, description, input_schema), update (suite_id, name, description, input_schema)
     on app.actions, api.actions to tp_user, tp_admin;
 grant select on app.actions, api.actions to tp_pipeline;
 

@@ -7,7 +7,7 @@ comment on view api.tools is 'Tools of the MCP catalog: readable by every authen
 
 revoke all on api.tools, app.tools from tp_user, tp_pipeline, tp_admin, anon;
 grant select, delete on app.tools, api.tools to tp_user, tp_admin;
-grant insert (id, mcp_server_id, name, description, input_schema), update (name, description, input_schema)
+grant insert (id, mcp_server_id, name, description, input_schema), update (mcp_server_id, name, description, input_schema)
     on app.tools, api.tools to tp_user, tp_admin;
 grant select on app.tools, api.tools to tp_pipeline;
 

@@ -177,9 +177,14 @@ as $$
 begin
     raise sqlstate 'PGRST'
         using message = json_build_object('code', 'TP401', 'message', 'invalid or revoked credentials',
-                                          'details', reason, 'hint', null)::text,
+                                          'details', reason,
+                                          'hint', case when reason like '%expired%'
+                                                       then 'Refresh it (POST /auth/refresh), or exchange your API key again (POST /auth/token).'
+                                                       else 'Send Authorization: Bearer <access_token>: sign in with POST /auth/login, or exchange your API key at POST /auth/token.'
+                                                  end)::text,
               detail = json_build_object('status', 401,
-                                         'headers', json_build_object('WWW-Authenticate', 'Bearer error="invalid_token"'))::text;
+                                         'headers', json_build_object('WWW-Authenticate', 'Bearer error="invalid_token"',
+                                                                      'X-Tp-Reason', reason))::text;
 end
 $$;
 comment on function auth.reject(text) is 'Ends the request with 401 and the error body. Cost: constant.';
@@ -210,7 +215,8 @@ begin
         perform set_config('application_name', 'tracepipe ' || request_id, true);
     end if;
     if (c - 'role') = '{}'::jsonb and coalesce(claimed_role, 'anon') = 'anon' then
-        return;  -- anonymous: anon holds no privileges
+        -- anonymous: anon holds no privileges, so say what is missing (not "permission denied")
+        perform auth.reject('credentials are required');
     end if;
     if claimed_role is null or claimed_role not in ('tp_user', 'tp_pipeline', 'tp_admin') then
         perform auth.reject('the token''s role is not one a token may carry');
@@ -220,6 +226,12 @@ begin
     end if;
     if not coalesce(c -> 'aud' ? current_setting('tp.jwt_audience', true), false) then
         perform auth.reject('the token''s audience is missing or not accepted');
+    end if;
+    -- PostgREST caches verified tokens (jwt-cache-max-lifetime) and 12.0.2 answers a cached
+    -- one after its exp: the hook checks exp on every request, as ext does.
+    if coalesce((c ->> 'exp') ~ '^[0-9]+(\.[0-9]+)?$', false)
+       and (c ->> 'exp')::numeric <= extract(epoch from clock_timestamp()) then
+        perform auth.reject('the token has expired');
     end if;
     if (c ->> 'sub') !~ uuid_text then
         perform auth.reject('the token has no valid subject');

@@ -64,6 +64,12 @@ begin
         perform api_error.invalid_value('slug', 'lowercase letters, digits and dashes, starting with a letter or digit, at most 100 characters',
                                         'Leave slug out to derive it from the name.');
     end if;
+    -- An upsert that meets its (created_by, slug) conflict proposes that suite's own id: the
+    -- proposed row must pass the members-only read policy, and the caller is a member of it.
+    if tg_op = 'INSERT' and app.is_upsert() then
+        new.id := coalesce((select s.id from app.suites s where s.created_by = new.created_by and s.slug = new.slug),
+                           new.id);
+    end if;
     if new.created_by is not null and not app.is_upsert()
        and exists (select from app.suites s where s.created_by = new.created_by and s.slug = new.slug and s.id <> new.id) then
         perform api_error.conflict('slug', pg_catalog.format('you already have a suite with the slug %s', new.slug),

@@ -89,10 +89,8 @@ async def upload_session(request: Request, caller: CallerDep, pool: PoolDep, set
         fields = await stream_body(request, kind, upload, "bundle", ("metadata",), settings.max_metadata_bytes)
         user_metadata = fields.json_object("metadata")
         stored = await upload.finish()
-        limits = bundles.Limits(settings.max_bundle_members, settings.max_bundle_expanded_bytes,
-                                settings.max_compression_ratio, settings.max_manifest_bytes,
-                                settings.max_jsonl_line_bytes)
-        summary = await run_in_threadpool(bundles.validate, store.range_reader(stored.key, stored.size), limits)
+        summary = await run_in_threadpool(bundles.validate, store.range_reader(stored.key, stored.size),
+                                          bundles.Limits.of(settings))
         manifest = summary.manifest
         metadata = {**manifest.get("metadata", {}), **user_metadata, "client": manifest["client"],
                     "format_version": manifest["format_version"]}

@@ -72,7 +72,7 @@ class Limits:
     max_manifest_bytes: int
     max_line_bytes: int
     max_depth: int = 64
-    max_token_bytes: int = 16 * 1024**2
+    max_token_bytes: int = 8 * 1024**2
     max_directory_bytes: int = 4 * 1024**2
     max_comment_bytes: int = 1024
     timeout_s: float = 300.0

@@ -69,7 +69,7 @@ class ExtSettings(BaseSettings):
     # bounds on hostile input to the bundle and example parsers (issue 13)
     max_json_depth: int = Field(64, description="deepest nesting of arrays/objects in client JSON: manifest.json, "
                                                 "JSONL lines, network.har, example lines")
-    max_json_token_bytes: int = Field(16 * 1024**2, description="longest string or number in a streamed JSON "
+    max_json_token_bytes: int = Field(8 * 1024**2, description="longest string or number in a streamed JSON "
                                                                 "member (network.har)")
     max_central_directory_bytes: int = Field(4 * 1024**2, description="largest zip central directory, checked from "
                                                                       "the end record before it is read")

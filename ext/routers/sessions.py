@@ -32,6 +32,7 @@ from ext.uploads import (
     HashSink,
     body_kind,
     check_idempotency_key,
+    discard,
     idempotent_result,
     remember_result,
     replay_winner,
@@ -111,10 +112,10 @@ async def upload_session(request: Request, caller: CallerDep, pool: PoolDep, set
             row = await api_row(conn, "sessions", session_id)
             await remember_result(conn, "sessions", key, digest, session_id, row)
     except ConcurrentRetry:
-        await upload.abort()
+        await discard(upload)
         return await replay_winner(pool, caller, rid, "sessions", key or "", digest)
     except BaseException:  # bad input, disconnect, store or database failure: leave nothing
-        await upload.abort()
+        await discard(upload)
         raise
     return JSONResponse(row, status_code=201, headers={"Location": f"/sessions/{session_id}"})
 

@@ -77,6 +77,8 @@ class ExtSettings(BaseSettings):
     bundle_validation_timeout_s: float = Field(300.0, description="time budget of validating one stored bundle; "
                                                                   "over it the upload answers 413, nothing kept")
     max_cursor_bytes: int = Field(512, description="longest export cursor accepted")
+    bundle_read_bytes: int = Field(2 * 1024**2, description="largest ranged read while validating a stored bundle "
+                                                            "(every member is read for its CRC; two are alive at once)")
 
     @model_validator(mode="after")
     def _no_placeholders_in_production(self) -> ExtSettings:

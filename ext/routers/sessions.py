@@ -90,8 +90,9 @@ async def upload_session(request: Request, caller: CallerDep, pool: PoolDep, set
         fields = await stream_body(request, kind, upload, "bundle", ("metadata",), settings.max_metadata_bytes)
         user_metadata = fields.json_object("metadata")
         stored = await upload.finish()
-        summary = await run_in_threadpool(bundles.validate, store.range_reader(stored.key, stored.size),
-                                          bundles.Limits.of(settings))
+        reader = store.range_reader(stored.key, stored.size)
+        reader.MAX_FETCH = settings.bundle_read_bytes  # validation reads every member: keep its blocks small
+        summary = await run_in_threadpool(bundles.validate, reader, bundles.Limits.of(settings))
         manifest = summary.manifest
         metadata = {**manifest.get("metadata", {}), **user_metadata, "client": manifest["client"],
                     "format_version": manifest["format_version"]}

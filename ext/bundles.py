@@ -9,7 +9,10 @@ control characters; no duplicates, also by case; only known members, exact lower
 names), directory entries (only `screenshots/`, empty), sizes and compression ratios (zip
 bombs); then every member is read once through a size cap: the manifest against
 ext/schemas/manifest.schema.json; events.jsonl line by line; network.har / network.jsonl;
-screenshot magic bytes; no member may start like an archive; every CRC is verified.
+screenshot magic bytes and where each image says it ends (nothing after IEND, EOI or the
+RIFF size); no member may start like an archive; every CRC is verified; members must lie
+back to back from offset 0 to the central directory (nothing between them, nothing after
+a deflate stream inside a member's compressed size).
 
 Parsing is bounded by design: each JSON document passes ext.jsonl's byte-wise JsonBounds
 (depth, token length) before or while it is parsed, network.har is parsed as a stream of
@@ -158,6 +161,11 @@ class _Capped:
     def drain(self) -> None:
         while self.read(1024 * 1024):
             pass
+        # A deflate stream that ends before the member's compressed size leaves bytes zipfile
+        # never reads: data no check above saw. (ZipExtFile's own counters; absent, nothing.)
+        if getattr(self.raw, "_compress_left", 0) > 0 or \
+                getattr(getattr(self.raw, "_decompressor", None), "unused_data", b""):
+            raise invalid("bytes after the end of a member's compressed data", {"member": self.name})
 
 
 def validate(archive: IO[bytes] | io.RawIOBase, limits: Limits) -> BundleSummary:
@@ -290,16 +298,52 @@ def _check_end_records(archive: IO[bytes] | io.RawIOBase, limits: Limits) -> int
 
 
 class _Reader:
-    """Opens members through size caps; remembers which one is read, for error bodies."""
+    """Opens members through size caps; remembers which one is read, for error bodies, and
+    where each member's bytes lie (local header to end of data), so `check_layout` can
+    refuse bytes hidden between members."""
 
     def __init__(self, zf: zipfile.ZipFile, limits: Limits, deadline: float) -> None:
         self.zf, self.limits, self.deadline = zf, limits, deadline
         self.current: str | None = None
+        self.archive: Any = zf.fp
+        self.extents: dict[str, tuple[int, int]] = {}  # name -> (local header offset, end of its data)
+
+    def _extent(self, info: zipfile.ZipInfo) -> None:
+        header = _read_at(self.archive, info.header_offset, 30)
+        if len(header) != 30 or not header.startswith(b"PK\x03\x04"):
+            raise invalid("the zip archive is corrupt", {"member": info.filename, "error": "bad local header"},
+                          400, "TP400")
+        name_len, extra_len = struct.unpack_from("<HH", header, 26)
+        self.extents[info.filename] = (info.header_offset,
+                                       info.header_offset + 30 + name_len + extra_len + info.compress_size)
 
     def open(self, name: str) -> _Capped:
         self.current = name
         info = self.zf.getinfo(name)
+        self._extent(info)  # the same bytes zipfile reads next: one ranged GET serves both
         return _Capped(self.zf.open(info), info.file_size, name, self.deadline, self.limits.timeout_s)
+
+    def check_layout(self, cd_offset: int) -> None:
+        """Members must follow each other from offset 0 to the central directory with
+        nothing between: a data descriptor (12 to 24 bytes, after members written with
+        flag bit 3) is the only thing allowed after a member's data."""
+        for info in self.zf.infolist():
+            if info.filename not in self.extents:
+                self._extent(info)
+        at = 0
+        for info in sorted(self.zf.infolist(), key=lambda i: i.header_offset):
+            start, end = self.extents[info.filename]
+            if start != at:
+                raise invalid("bytes between the members of the zip archive", {"member": info.filename,
+                              "offset": start, "expected": at})
+            at = end
+            if info.flag_bits & 0x8:
+                signed = _read_at(self.archive, end, 4) == b"PK\x07\x08"
+                zip64 = max(info.file_size, info.compress_size) >= 0xFFFFFFFF
+                at += (4 if signed else 0) + (20 if zip64 else 12)
+        if at != cd_offset:
+            raise invalid("bytes between the last member and the central directory", {"member": None,
+                          "offset": at, "expected": cd_offset})
 
 
 def _read_members(reader: _Reader, seen: set[str], files: list[dict[str, Any]]) -> BundleSummary:
@@ -320,6 +364,7 @@ def _read_members(reader: _Reader, seen: set[str], files: list[dict[str, Any]]) 
         if SCREENSHOT.match(f["name"]):
             _check_image(reader, f["name"])
             summary.screenshot_count += 1
+    reader.check_layout(reader.zf.start_dir)
     return summary
 
 
@@ -396,6 +441,7 @@ def _count_jsonl(reader: _Reader, name: str, limits: Limits, require: tuple[str,
                 raise invalid(f"{name}: line {number}: type must be a string", {"file": name, "line": number})
             count += 1
         if not chunk:
+            stream.drain()
             return count
 
 
@@ -448,10 +494,50 @@ def _count_har(reader: _Reader) -> int:
 
 
 def _check_image(reader: _Reader, name: str) -> None:
+    """Magic bytes, then where the image says it ends: a PNG's IEND chunk, a WebP's RIFF
+    size, a JPEG's EOI marker must be the member's last bytes, so nothing (an archive, say)
+    rides after the picture. Data inside the image's own chunks is the image's business."""
     stream = reader.open(name)
+    size = reader.zf.getinfo(name).file_size
     head = stream.read(16)
     ext = name.rsplit(".", 1)[1].lower()
     ok = (head[:4] == b"RIFF" and head[8:12] == b"WEBP") if ext == "webp" else head.startswith(MAGIC[ext])
     if not ok:
         raise invalid("screenshot is not the image its name says", name)
+    if ext == "png":
+        _walk_png(stream, head, name)
+    else:
+        tail = head
+        while chunk := stream.read(1024 * 1024):
+            tail = (tail + chunk)[-2:]
+        ends = (struct.unpack_from("<I", head, 4)[0] + 8 == size) if ext == "webp" else tail == b"\xff\xd9"
+        if not ends:
+            raise invalid("bytes after the end of the image", {"member": name})
     stream.drain()
+
+
+def _walk_png(stream: _Capped, head: bytes, name: str) -> None:
+    """Follows the PNG's chunks (length, type, data, CRC) to IEND, reading through; IEND
+    must end the member."""
+    buffered = bytearray(head[8:])
+
+    def take(n: int) -> bytes:
+        while len(buffered) < n:
+            chunk = stream.read(max(n - len(buffered), 64 * 1024))
+            if not chunk:
+                raise invalid("screenshot is not a complete PNG", {"member": name})
+            buffered.extend(chunk)
+        out = bytes(buffered[:n])
+        del buffered[:n]
+        return out
+
+    while True:
+        length, kind = struct.unpack(">I4s", take(8))
+        while length + 4 > 0:  # the data and its CRC, in bounded pieces
+            step = min(length + 4, 1024 * 1024)
+            take(step)
+            length -= step
+        if kind == b"IEND":
+            break
+    if buffered or stream.read(1):
+        raise invalid("bytes after the end of the image", {"member": name})

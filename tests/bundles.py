@@ -8,12 +8,13 @@ import io
 import struct
 import warnings
 import zipfile
+import zlib
 
 from tracepipe.bundles import bundle, events, har, manifest, members, png, write_large_bundle
 
 __all__ = ["bomb", "bundle", "corrupt_member", "declare_entries", "deep_json", "directory_carrying", "end_record",
            "events", "har", "manifest", "many_members", "members", "patch_central_directory", "png",
-           "with_comment", "write_large_bundle", "zip_of"]
+           "raw_zip", "with_comment", "write_large_bundle", "zip_of"]
 
 
 def zip_of(entries: list[tuple[str, bytes]], compression: int = zipfile.ZIP_DEFLATED) -> bytes:
@@ -119,3 +120,30 @@ def corrupt_member(name: str, data: bytes) -> bytes:
     at = bytes(body).index(data) + len(data) - 1
     body[at] ^= 0xFF
     return bytes(body)
+
+
+def raw_zip(entries: list[tuple[str, bytes, bytes]], method: int = zipfile.ZIP_DEFLATED) -> bytes:
+    """A zip written by hand, for layouts zipfile will not write: each entry is (name, the
+    member's content, bytes placed right after its compressed data, counted in neither its
+    declared compressed size nor the directory). With method ZIP_DEFLATED and a `gap` that
+    begins with b"IN:" the gap is put inside the compressed size instead (after the end of
+    the deflate stream)."""
+    out = bytearray()
+    directory = bytearray()
+    for name, content, gap in entries:
+        data = content
+        if method == zipfile.ZIP_DEFLATED:
+            c = zlib.compressobj(6, zlib.DEFLATED, -15)
+            data = c.compress(content) + c.flush()
+        inside = gap.startswith(b"IN:")
+        if inside:
+            data, gap = data + gap, b""
+        crc = zlib.crc32(content)
+        offset = len(out)
+        encoded = name.encode()
+        fields = struct.pack("<HHHHHLLLHH", 20, 0, method, 0, 0x5B61, crc, len(data), len(content), len(encoded), 0)
+        out += b"PK\x03\x04" + fields + encoded + data + gap
+        directory += (b"PK\x01\x02" + struct.pack("<H", 20) + fields
+                      + struct.pack("<HHHLL", 0, 0, 0, 0, offset) + encoded)
+    end = struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, len(entries), len(entries), len(directory), len(out), 0)
+    return bytes(out + directory + end)

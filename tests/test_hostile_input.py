@@ -139,6 +139,23 @@ HOSTILE: dict[str, Hostile] = {
     "gzip as network.har": Hostile(
         lambda: bundles.bundle(extra={"network.har": b"\x1f\x8b\x08\x00" + bytes(64)}), 422, "nested archive",
         {"member": "network.har"}),
+    "bytes between two members": Hostile(
+        lambda: bundles.raw_zip([(n, d, b"hidden" if n == "events.jsonl" else b"") for n, d in bundles.members()]),
+        422, "bytes between the members", {"member": "network.har"}),
+    "bytes between the last member and the central directory": Hostile(
+        lambda: bundles.raw_zip([(n, d, b"hidden" if n == "screenshots/0000.png" else b"")
+                                 for n, d in bundles.members()]), 422, "bytes between the last member", {}),
+    "bytes after a member's deflate stream, inside its compressed size": Hostile(
+        lambda: bundles.raw_zip([(n, d, b"IN:hidden" if n == "events.jsonl" else b"") for n, d in bundles.members()]),
+        422, "after the end of a member's compressed data", {"member": "events.jsonl"}),
+    "zip appended to a PNG (polyglot)": Hostile(
+        lambda: bundles.bundle(screenshots=0,
+                               extra={"screenshots/p.png": bundles.png() + bundles.zip_of([("x", b"y")])}),
+        422, "bytes after the end of the image", {"member": "screenshots/p.png"}),
+    "bytes after a JPEG's end marker": Hostile(
+        lambda: bundles.bundle(screenshots=0, extra={
+            "screenshots/p.jpg": b"\xff\xd8\xff\xe0" + bytes(100) + b"\xff\xd9" + b"PK\x05\x06" + bytes(18)}),
+        422, "bytes after the end of the image", {"member": "screenshots/p.jpg"}),
     # item 11: names and CRCs
     "newline in a member name": Hostile(
         lambda: bundles.zip_of([*bundles.members(screenshots=0), ("screenshots/a.png\n", bundles.png())]), 422,
@@ -175,13 +192,39 @@ def test_hostile_bundle_is_refused_leaves_nothing_and_ends_no_worker(
     assert rss.peak < RSS_BOUND + HOSTILE_RSS_GROWTH and growth(rss) < HOSTILE_RSS_GROWTH, rss.report()
 
 
+def _with_data_descriptors() -> bytes:
+    class Pipe(io.RawIOBase):
+        def __init__(self) -> None:
+            self.data = bytearray()
+
+        def writable(self) -> bool:
+            return True
+
+        def write(self, b: Any) -> int:
+            self.data += b
+            return len(b)
+
+    pipe = Pipe()
+    with zipfile.ZipFile(pipe, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in bundles.members(screenshots=2):
+            with zf.open(name, "w") as f:
+                f.write(data)
+    return bytes(pipe.data)
+
+
 @pytest.mark.parametrize("build", [
     lambda: bundles.directory_carrying(b""),  # the screenshots/ entry zip tools write: empty
     lambda: bundles.with_comment(bundles.bundle(), b"recorded by tracepipe-recorder 1.4.2"),  # a short comment
     lambda: bundles.bundle(har_data=bundles.deep_json(EXT.max_json_depth - 3)),  # exactly at the depth limit
     lambda: bundles.bundle(extra={"network.har": b'{"log":{"entries":[{"comment":"' + b"\\\"x" * 300_000
                                                  + b'"}, {"a": [1, 2]}]}}'}),  # escapes, within the token limit
-], ids=["empty screenshots/ directory", "short comment", "HAR at the depth limit", "HAR with a 900 KB string"])
+    lambda: bundles.raw_zip([(n, d, b"") for n, d in bundles.members(screenshots=2)]),  # written by another tool
+    _with_data_descriptors,  # written to a pipe: each member followed by its data descriptor
+    lambda: bundles.bundle(screenshots=0, extra={  # a JPEG and a WebP that end where they say
+        "screenshots/a.jpg": b"\xff\xd8\xff\xe0" + bytes(100) + b"\xff\xd9",
+        "screenshots/b.webp": b"RIFF" + (24).to_bytes(4, "little") + b"WEBP" + bytes(20)}),
+], ids=["empty screenshots/ directory", "short comment", "HAR at the depth limit", "HAR with a 900 KB string",
+        "hand-written zip", "data descriptors", "JPEG and WebP"])
 def test_what_is_allowed_is_accepted(build: Callable[[], bytes], uploader: User) -> None:
     r = uploader.client.post("/sessions", content=build(), headers={"Content-Type": "application/zip"})
     assert r.status_code == 201, r.text[:500]

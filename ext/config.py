@@ -66,6 +66,20 @@ class ExtSettings(BaseSettings):
     openapi_cache_s: float = Field(30.0, description="how long ext reuses PostgREST's fetched API description")
     ready_timeout_s: float = 2.0
 
+    # bounds on hostile input to the bundle and example parsers (issue 13)
+    max_json_depth: int = Field(64, description="deepest nesting of arrays/objects in client JSON: manifest.json, "
+                                                "JSONL lines, network.har, example lines")
+    max_json_token_bytes: int = Field(8 * 1024**2, description="longest string or number in a streamed JSON "
+                                                                "member (network.har)")
+    max_central_directory_bytes: int = Field(4 * 1024**2, description="largest zip central directory, checked from "
+                                                                      "the end record before it is read")
+    max_zip_comment_bytes: int = Field(1024, description="longest zip comment after the end record")
+    bundle_validation_timeout_s: float = Field(300.0, description="time budget of validating one stored bundle; "
+                                                                  "over it the upload answers 413, nothing kept")
+    max_cursor_bytes: int = Field(512, description="longest export cursor accepted")
+    bundle_read_bytes: int = Field(2 * 1024**2, description="largest ranged read while validating a stored bundle "
+                                                            "(every member is read for its CRC; two are alive at once)")
+
     @model_validator(mode="after")
     def _no_placeholders_in_production(self) -> ExtSettings:
         if self.environment != "development":

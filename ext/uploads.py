@@ -9,6 +9,7 @@ replayed for a retry with the same content and refused (409) for different conte
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -30,6 +31,17 @@ from ext.errors import ApiError
 
 class Sink(Protocol):
     async def write(self, data: bytes) -> None: ...
+
+
+class Discardable(Protocol):
+    async def abort(self) -> None: ...
+
+
+async def discard(upload: Discardable) -> None:
+    """The cleanup of every failed upload (an object written, a multipart upload open):
+    run as its own task and shielded, so it completes even when the request's task is being
+    cancelled (a cancelled scope would otherwise cancel the cleanup's first await too)."""
+    await asyncio.shield(asyncio.ensure_future(upload.abort()))
 
 
 class HashSink:
@@ -246,4 +258,5 @@ def check_idempotency_key(key: str | None) -> str | None:
 
 
 __all__ = ["BodyFields", "ClientDisconnect", "ConcurrentRetry", "HashSink", "body_kind", "check_idempotency_key",
+           "discard",
            "idempotent_result", "remember_result", "replay_winner", "replayed", "request_digest", "stream_body"]

@@ -75,9 +75,9 @@ def _meta(values: dict[str, Any]) -> ExampleMeta:
 class _ValidatingSink:
     """Validates JSONL lines on their way to the upload."""
 
-    def __init__(self, upload: Upload | HashSink, max_line_bytes: int) -> None:
+    def __init__(self, upload: Upload | HashSink, max_line_bytes: int, max_depth: int) -> None:
         self.upload = upload
-        self.lines = LineValidator(max_line_bytes)
+        self.lines = LineValidator(max_line_bytes, max_depth)
 
     async def write(self, data: bytes) -> None:
         self.lines.feed(data)
@@ -137,7 +137,8 @@ async def register_example(
                 await _insert(conn, example_id, meta, 0, 0, "0" * 64)
 
     if previous is not None:
-        sink = _ValidatingSink(HashSink(settings.max_example_bytes), settings.max_jsonl_line_bytes)
+        sink = _ValidatingSink(HashSink(settings.max_example_bytes), settings.max_jsonl_line_bytes,
+                               settings.max_json_depth)
         fields = await stream_body(request, kind, sink, "messages", ("metadata",), settings.max_metadata_bytes)
         meta = meta or _meta(fields.json_object("metadata"))
         assert isinstance(sink.upload, HashSink)
@@ -145,7 +146,7 @@ async def register_example(
         return replayed(previous, digest)
 
     upload = store.uploader(example_key(example_id), settings.max_example_bytes)
-    validating = _ValidatingSink(upload, settings.max_jsonl_line_bytes)
+    validating = _ValidatingSink(upload, settings.max_jsonl_line_bytes, settings.max_json_depth)
     try:
         fields = await stream_body(request, kind, validating, "messages", ("metadata",), settings.max_metadata_bytes)
         validating.lines.finish()
@@ -231,6 +232,41 @@ def _accepts_gzip(header: str | None) -> bool:
     return False
 
 
+def _bad_cursor(reason: str) -> ApiError:
+    return ApiError(400, "TP400", f"invalid cursor parameter: {reason}", {"parameter": "cursor", "reason": reason},
+                    "Pass the X-Next-Cursor header of the previous page unchanged, or omit cursor for the first page.")
+
+
+def _parse_cursor(cursor: str, max_bytes: int) -> tuple[datetime, uuid.UUID]:
+    """The (created_at, id) an X-Next-Cursor encodes: base64url of {"c": iso time, "i": uuid},
+    nothing else. Checked piece by piece, bounded before anything is decoded."""
+    if len(cursor) > max_bytes:
+        raise _bad_cursor(f"longer than {max_bytes} characters")
+    try:
+        raw = base64.urlsafe_b64decode(cursor.encode("ascii") + b"=" * (-len(cursor) % 4))
+    except (ValueError, binascii.Error):
+        raise _bad_cursor("not base64url") from None
+    if raw.count(b"{") + raw.count(b"[") > 1:  # one flat object: nothing nested to recurse into
+        raise _bad_cursor("not a flat JSON object")
+    try:
+        decoded = json.loads(raw)
+    except ValueError:
+        raise _bad_cursor("not JSON") from None
+    if not isinstance(decoded, dict) or set(decoded) != {"c", "i"}:
+        raise _bad_cursor('not {"c": …, "i": …}')
+    created, ident = decoded["c"], decoded["i"]
+    if not isinstance(created, str) or not isinstance(ident, str):
+        raise _bad_cursor("c and i must be strings")
+    try:
+        at = datetime.fromisoformat(created)
+        eid = uuid.UUID(ident)
+    except ValueError:
+        raise _bad_cursor("c must be an ISO timestamp and i a UUID") from None
+    if at.tzinfo is None:
+        raise _bad_cursor("c must carry a time zone")
+    return at, eid
+
+
 @router.get("/examples/export", summary="Every visible example's lines as one JSONL stream (fine-tuning format)",
             response_class=Response, responses=documented(
                 "application/jsonl", ranges=False, description="The lines of every example of the page, in order"))
@@ -244,14 +280,7 @@ async def export_examples(
     limit: Annotated[int | None, Query(ge=1, description="examples per page")] = None,
 ) -> Response:
     page = min(limit or settings.export_page_examples, settings.export_page_examples)
-    after: tuple[datetime, uuid.UUID] | None = None
-    if cursor:
-        try:
-            decoded = json.loads(base64.urlsafe_b64decode(cursor.encode() + b"=" * (-len(cursor) % 4)))
-            after = (datetime.fromisoformat(decoded["c"]), uuid.UUID(decoded["i"]))
-        except (ValueError, KeyError, TypeError, binascii.Error):
-            raise ApiError(400, "TP400", "invalid cursor", None, "Pass X-Next-Cursor from the previous page.") \
-                from None
+    after = _parse_cursor(cursor, settings.max_cursor_bytes) if cursor else None
     bucket = "(('x' || substr(md5(id::text), 1, 8))::bit(32)::bigint %% 100)"
     split_sql = {"all": "true", "train": f"{bucket} >= %(pct)s", "validation": f"{bucket} < %(pct)s"}[split]
     query = (

@@ -32,6 +32,7 @@ from ext.uploads import (
     HashSink,
     body_kind,
     check_idempotency_key,
+    discard,
     idempotent_result,
     remember_result,
     replay_winner,
@@ -89,10 +90,9 @@ async def upload_session(request: Request, caller: CallerDep, pool: PoolDep, set
         fields = await stream_body(request, kind, upload, "bundle", ("metadata",), settings.max_metadata_bytes)
         user_metadata = fields.json_object("metadata")
         stored = await upload.finish()
-        limits = bundles.Limits(settings.max_bundle_members, settings.max_bundle_expanded_bytes,
-                                settings.max_compression_ratio, settings.max_manifest_bytes,
-                                settings.max_jsonl_line_bytes)
-        summary = await run_in_threadpool(bundles.validate, store.range_reader(stored.key, stored.size), limits)
+        reader = store.range_reader(stored.key, stored.size)
+        reader.MAX_FETCH = settings.bundle_read_bytes  # validation reads every member: keep its blocks small
+        summary = await run_in_threadpool(bundles.validate, reader, bundles.Limits.of(settings))
         manifest = summary.manifest
         metadata = {**manifest.get("metadata", {}), **user_metadata, "client": manifest["client"],
                     "format_version": manifest["format_version"]}
@@ -113,10 +113,10 @@ async def upload_session(request: Request, caller: CallerDep, pool: PoolDep, set
             row = await api_row(conn, "sessions", session_id)
             await remember_result(conn, "sessions", key, digest, session_id, row)
     except ConcurrentRetry:
-        await upload.abort()
+        await discard(upload)
         return await replay_winner(pool, caller, rid, "sessions", key or "", digest)
     except BaseException:  # bad input, disconnect, store or database failure: leave nothing
-        await upload.abort()
+        await discard(upload)
         raise
     return JSONResponse(row, status_code=201, headers={"Location": f"/sessions/{session_id}"})
 

@@ -363,18 +363,24 @@ def test_sql_in_filters_is_data_not_code(person: User, victim: tuple[User, dict[
     assert su.execute("select count(*) as n from app.suites where id = %s", [victim[1]["id"]]).fetchone() == {"n": 1}
 
 
-def test_prefer_tx_cannot_roll_back_or_commit_by_itself(person: User, suite: dict[str, Any],
-                                                        su: psycopg.Connection[dict[str, Any]]) -> None:
-    """db-tx-end is not set to allow overrides: `Prefer: tx=…` is ignored (never listed as
-    applied), so a client cannot make the server roll back what it answered 201 for."""
+def test_prefer_tx_rollback_is_a_dry_run(person: User, suite: dict[str, Any],
+                                         su: psycopg.Connection[dict[str, Any]]) -> None:
+    """Prefer: tx=rollback (DESIGN §9) runs the write, answers what it would have done, and
+    keeps nothing; the answer says so in Preference-Applied."""
     for prefer in ("tx=rollback", "tx=rollback, return=representation", "tx=rollback, handling=strict"):
         name = unique("tx")
         r = person.client.post(f"/suites/{suite['id']}/actions", json={"name": name}, headers={"Prefer": prefer})
-        assert r.status_code in (201, 400), (prefer, r.status_code, r.text)
-        applied = r.headers.get("preference-applied", "")
-        assert "tx=" not in applied, applied
+        assert r.status_code == 201, (prefer, r.status_code, r.text)
+        assert "tx=rollback" in r.headers.get("preference-applied", ""), r.headers
+        if "representation" in prefer:
+            assert r.json()[0]["name"] == name
         stored = su.execute("select count(*) as n from app.actions where name = %s", [name]).fetchone()
-        assert stored == {"n": 1 if r.status_code == 201 else 0}, (prefer, r.status_code)
+        assert stored == {"n": 0}, prefer
+    # A dry run still meets every check: a clash is reported, nothing kept either way.
+    taken = unique("tx")
+    assert person.client.post(f"/suites/{suite['id']}/actions", json={"name": taken}).status_code == 201
+    r = person.client.post(f"/suites/{suite['id']}/actions", json={"name": taken}, headers={"Prefer": "tx=rollback"})
+    assert r.status_code == 409, r.text
 
 
 def test_prefer_tx_commit_cannot_make_a_read_only_keys_write_stick(

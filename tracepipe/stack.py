@@ -473,6 +473,8 @@ class Stack:
             f"db-pool = {s.pgrst_db_pool}",
             f"db-max-rows = {s.pgrst_max_rows}",
             'db-extra-search-path = ""',
+            # Prefer: tx=rollback is a dry run (DESIGN §9); tx=commit is what happens anyway.
+            'db-tx-end = "commit-allow-override"',
             f'jwt-secret = "@{jwks}"',
             f'jwt-aud = "{s.jwt_audience}"',
             f"jwt-cache-max-lifetime = {s.pgrst_jwt_cache_s}",

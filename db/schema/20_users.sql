@@ -26,6 +26,7 @@ as $$
         'email', u.email,
         'display_name', u.display_name,
         'account_role', u.account_role,
+        'email_verified', u.email_verified_at is not null,
         'created_at', u.created_at,
         'updated_at', u.updated_at,
         'memberships', coalesce((
@@ -39,3 +40,4 @@ as $$
 $$;
 comment on function api.me() is 'The caller''s profile and suite memberships (what GET /users/me answers).';
 grant execute on function api.me() to tp_user, tp_pipeline, tp_admin;
+grant select (email_verified_at) on app.users to tp_user, tp_pipeline, tp_admin;

@@ -8,16 +8,19 @@ import re
 import time
 import unicodedata
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import psycopg
 import pytest
+from yoyo import get_backend, read_migrations
 
 from ext import emails
 from tests.conftest import assert_error_body, run_cli
-from tracepipe import mailsink
+from tests.test_migrations import scratch_db  # noqa: F401 - the fixture
+from tracepipe import mailsink, migrate
 from tracepipe.settings import REPO_ROOT
 from tracepipe.stack import Stack
 
@@ -265,3 +268,38 @@ def test_signup_succeeds_while_mail_is_down(base_url: str, stack: Stack) -> None
 
 def test_the_sink_keeps_its_mail_private(stack: Stack) -> None:
     assert Path(stack.mail_dir).stat().st_mode & 0o077 == 0
+
+
+# --- the upgrade ------------------------------------------------------------------------------------
+
+def _migrate_to_0005_with(url: str, emails_before: list[str]) -> Any:
+    backend = get_backend(migrate.yoyo_url(url))
+    migrations = read_migrations(str(migrate.DB_DIR / "migrations"))
+    with backend.lock():
+        for m in migrations:
+            if m.id == "0006_email_verification":
+                break
+            backend.apply_migrations(backend.to_apply(migrations.__class__([m])))
+    with psycopg.connect(url) as conn:
+        for email in emails_before:
+            conn.execute("insert into app.users (email, password_hash) values (%s, 'x')", [email])
+    return backend, migrations
+
+
+def test_the_migration_rewrites_existing_emails(scratch_db: Callable[[str], str]) -> None:  # noqa: F811
+    url = scratch_db("mail_upgrade")
+    backend, migrations = _migrate_to_0005_with(url, ["Bob@Example.TEST", "Stra\u00dfe@example.test",
+                                                       "\uff41nn@example.test"])
+    with backend.lock():
+        backend.apply_migrations(backend.to_apply(migrations))
+    with psycopg.connect(url) as conn:
+        rows = conn.execute("select email, email_skeleton from app.users order by email").fetchall()
+    assert rows == [("ann@example.test", "ann@example.test"), ("bob@example.test", "bob@example.test"),
+                    ("strasse@example.test", "strasse@example.test")]
+
+
+def test_the_migration_stops_on_accounts_that_become_one(scratch_db: Callable[[str], str]) -> None:  # noqa: F811
+    url = scratch_db("mail_clash")
+    backend, migrations = _migrate_to_0005_with(url, ["strasse@example.test", "Stra\u00dfe@example.test"])
+    with backend.lock(), pytest.raises(psycopg.errors.RaiseException, match="merge or rename"):
+        backend.apply_migrations(backend.to_apply(migrations))

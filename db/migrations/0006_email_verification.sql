@@ -189,6 +189,7 @@ as $$
     select pg_catalog.normalize(app.casefold(pg_catalog.btrim(pg_catalog.normalize(email, 'NFKC'), ' ')), 'NFKC')
 $$;
 
+revoke all on function app.casefold(text), app.normalize_email(text), app.email_skeleton(text) from public;
 drop index if exists app.users_email_key;
 update app.users set email = app.normalize_email(email) where email is distinct from app.normalize_email(email);
 alter table app.users add column email_skeleton text;

@@ -190,6 +190,7 @@ as $$
 $$;
 comment on function app.normalize_email(text) is 'NFKC, casefold, NFKC (ext/emails.py normal_form): the one form in which emails are stored and compared. Cost: linear in the length.';
 
+revoke all on function app.casefold(text), app.normalize_email(text), app.email_skeleton(text) from public;
 grant execute on function app.casefold(text), app.normalize_email(text), app.email_skeleton(text)
     to tp_user, tp_pipeline, tp_admin, tp_auth;
 

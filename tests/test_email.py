@@ -18,7 +18,7 @@ import pytest
 from yoyo import get_backend, read_migrations
 
 from ext import emails
-from tests.conftest import assert_error_body, run_cli
+from tests.conftest import User, assert_error_body, create_key, key_client, run_cli
 from tests.test_migrations import scratch_db  # noqa: F401 - the fixture
 from tracepipe import mailsink, migrate
 from tracepipe.settings import REPO_ROOT
@@ -250,6 +250,13 @@ def test_resend_is_rate_limited_and_needs_a_session(base_url: str, stack: Stack)
     statuses = [httpx.post(f"{base_url}/auth/verify-email/resend", headers=headers, timeout=30).status_code
                 for _ in range(6)]
     assert statuses == [202] * 5 + [429], statuses  # verify_resend_max per throttle window
+
+
+def test_resend_refuses_api_key_tokens(make_user: Callable[..., User], base_url: str) -> None:
+    owner = make_user()
+    with key_client(base_url, create_key(owner)["key"]) as client:
+        r = client.post("/auth/verify-email/resend")
+    assert r.status_code == 403 and assert_error_body(r)["message"] == "a session token is required"
 
 
 def test_signup_succeeds_while_mail_is_down(base_url: str, stack: Stack) -> None:

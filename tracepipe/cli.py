@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import getpass
 import json
+import operator
 import os
 import signal
 import sys
@@ -163,8 +164,8 @@ def cmd_mail_list(args: argparse.Namespace) -> int:
 
     stored = mailsink.messages(_stack().mail_dir)
     rows = [{"id": m.id, "to": m.to, "from": m.mail_from, "subject": m.subject, "date": m.date} for m in stored]
-    return cli_api.emit(args, rows, lambda: cli_api.print_table(
-        rows, [(c, lambda r, c=c: r[c]) for c in ("id", "to", "subject")], "no mail received"))
+    columns = [(name, operator.itemgetter(name)) for name in ("id", "to", "subject")]
+    return cli_api.emit(args, rows, lambda: cli_api.print_table(rows, columns, "no mail received"))
 
 
 def cmd_mail_show(args: argparse.Namespace) -> int:

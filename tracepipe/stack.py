@@ -296,7 +296,7 @@ class Stack:
             "postgrest": first_line([str(self.postgrest_bin), "--version"]),
             "ext": f"tracepipe {version('tracepipe')}",
             "nginx": first_line([shutil.which("nginx") or "/usr/sbin/nginx", "-v"]),
-            "mail": f"aiosmtpd {version('aiosmtpd')}",
+            "mail": _package_version("aiosmtpd"),
         }
 
     def pid_of(self, name: str) -> int | None:
@@ -620,6 +620,15 @@ def render_template(text: str, values: dict[str, str]) -> str:
         return values[m.group(1)]
 
     return _PLACEHOLDER.sub(sub, text)
+
+
+def _package_version(name: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"{name} {version(name)}"
+    except PackageNotFoundError:
+        return "not installed"
 
 
 def _sha256(path: Path) -> str:

@@ -211,6 +211,16 @@ def test_signup_mails_a_code_that_verifies_the_address_once(base_url: str, stack
     assert r.status_code == 409, r.text
 
 
+def test_an_international_address_gets_its_mail(base_url: str, stack: Stack) -> None:
+    raw = f"J\u00d6RG-\u0130-{uuid.uuid4().hex[:8]}@b\u00fccher.example"
+    r = signup(base_url, raw)
+    assert r.status_code == 201, r.text
+    email = r.json()["email"]
+    assert email == emails.normalize(raw) and email != raw
+    message = wait_for_mail(stack, email)  # over SMTPUTF8, to the normal form
+    assert CODE.search(message.text())
+
+
 def test_wrong_expired_and_replaced_codes_are_refused(base_url: str, stack: Stack,
                                                      su: psycopg.Connection[dict[str, Any]]) -> None:
     email = fresh("codes")

@@ -79,6 +79,20 @@ class ExtSettings(BaseSettings):
     max_cursor_bytes: int = Field(512, description="longest export cursor accepted")
     bundle_read_bytes: int = Field(2 * 1024**2, description="largest ranged read while validating a stored bundle "
                                                             "(every member is read for its CRC; two are alive at once)")
+    smtp_host: str = Field("127.0.0.1", description="SMTP server for verification mail (the local stack's sink)")
+    smtp_port: int = 11025
+    smtp_from: str = "Tracepipe <no-reply@tracepipe.invalid>"
+    smtp_tls: str = Field("none", pattern="^(none|starttls|tls)$",
+                          description="none, starttls (upgrade a plain connection) or tls (implicit, port 465)")
+    smtp_username: str = Field("", description="SMTP AUTH user; empty: no authentication")
+    smtp_password: str = ""
+    smtp_timeout_s: float = 10.0
+    mail_attempts: int = Field(4, description="tries per message before it is given up (logged)")
+    mail_retry_s: float = Field(5.0, description="wait before the first retry; doubled for each later one")
+    verify_email_ttl_s: int = Field(24 * 3600, description="how long a mailed verification code stays valid")
+    verify_email_link: str = Field("", description="link template mailed with the code, e.g. "
+                                                   "https://app.example/verify?token={token}; empty: code only")
+    verify_resend_max: int = Field(5, description="verification mails a caller may ask for per throttle window")
 
     @model_validator(mode="after")
     def _no_placeholders_in_production(self) -> ExtSettings:

@@ -39,7 +39,8 @@ SECURITY_SCHEMES: Doc = {
     },
 }
 # ext endpoints that take no credentials, and the one that takes an API key.
-PUBLIC_EXT_PATHS = {"/auth/signup", "/auth/login", "/auth/refresh", "/.well-known/jwks.json", "/health", "/ready"}
+PUBLIC_EXT_PATHS = {"/auth/signup", "/auth/login", "/auth/refresh", "/auth/verify-email", "/.well-known/jwks.json",
+                    "/health", "/ready"}
 API_KEY_EXT_PATHS = {"/auth/token"}
 
 ERROR_SCHEMA: Doc = {

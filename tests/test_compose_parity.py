@@ -54,7 +54,7 @@ SECRET_NAME = re.compile(r"PASSWORD|SECRET|ACCESS_KEY")
 PGRST_PLACE_KEYS = {"db-uri", "jwt-secret", "server-host", "openapi-server-proxy-uri"}
 EXT_PLACE_KEYS = {"TP_EXT_DATABASE_URL", "TP_EXT_JWT_KEYS_DIR", "TP_EXT_S3_ENDPOINT", "TP_EXT_POSTGREST_URL",
                   "TP_EXT_POSTGREST_API_URL", "PROMETHEUS_MULTIPROC_DIR",
-                  "TP_EXT_S3_ACCESS_KEY", "TP_EXT_S3_SECRET_KEY", "TP_EXT_ENVIRONMENT"}
+                  "TP_EXT_S3_ACCESS_KEY", "TP_EXT_S3_SECRET_KEY", "TP_EXT_ENVIRONMENT", "TP_EXT_SMTP_HOST"}
 NGINX_PLACE_KEYS = {"TP_PROXY_LISTEN", "TP_PGRST_UPSTREAM", "TP_EXT_UPSTREAM", "TP_NGINX_ACCESS_LOG",
                     "TP_NGINX_DIR", "TP_NGINX_TMP", "TP_NGINX_USER_DIRECTIVE"}
 WEED_PLACE_FLAGS = {"-dir", "-ip", "-ip.bind", "-s3.config", "-filer.localSocket", "-s3.localSocket"}
@@ -463,6 +463,8 @@ def test_ext_env_has_every_local_variable(compose: dict[str, Any], local_stack: 
     assert url_host(env["TP_EXT_POSTGREST_URL"]) == "postgrest"
     assert url_port(env["TP_EXT_POSTGREST_API_URL"]) == url_port(local["TP_EXT_POSTGREST_API_URL"])
     assert url_host(env["TP_EXT_POSTGREST_API_URL"]) == "postgrest"
+    assert env["TP_EXT_SMTP_HOST"] == "mail" and local["TP_EXT_SMTP_HOST"] == settings.host
+    assert f"{settings.mail_port}" in env_of(compose, "mail")["MP_SMTP_BIND_ADDR"].rsplit(":", 1)
 
     local_keys = Path(local["TP_EXT_JWT_KEYS_DIR"]).relative_to(local_stack.state)
     source = mounts(compose, "ext")[env["TP_EXT_JWT_KEYS_DIR"]]

@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import getpass
 import json
+import operator
 import os
 import signal
 import sys
@@ -117,20 +118,30 @@ def cmd_rotate_jwt_key(_: argparse.Namespace) -> int:
     return 0
 
 
+def _normal_email(raw: str) -> str:
+    from ext.emails import InvalidEmail, normalize
+
+    try:
+        return normalize(raw)
+    except InvalidEmail as e:
+        raise StackError(f"email {raw!r}: {e}") from None
+
+
 def cmd_user_create(args: argparse.Namespace) -> int:
     from argon2 import PasswordHasher
 
     stack = _stack()
     secrets = credentials.load_or_create(stack.state)
+    email = _normal_email(args.email)
     password = args.password or getpass.getpass("password: ")
     try:
         with psycopg.connect(stack.owner_url(secrets)) as conn:
             row = conn.execute(
                 "insert into app.users (email, display_name, password_hash, account_role) values (%s, %s, %s, %s)"
-                " returning id", [args.email, args.display_name, PasswordHasher().hash(password), ROLES[args.role]],
+                " returning id", [email, args.display_name, PasswordHasher().hash(password), ROLES[args.role]],
             ).fetchone()
     except psycopg.errors.UniqueViolation:
-        raise StackError(f"an account with email {args.email} already exists") from None
+        raise StackError(f"an account with email {email} (or a confusable spelling of it) already exists") from None
     assert row is not None
     print(row[0])
     return 0
@@ -141,10 +152,30 @@ def cmd_user_disable(args: argparse.Namespace) -> int:
     secrets = credentials.load_or_create(stack.state)
     with psycopg.connect(stack.owner_url(secrets)) as conn:
         cur = conn.execute("update app.users set disabled_at = case when %s then null else now() end"
-                           " where lower(email) = lower(%s)", [args.enable, args.email])
+                           " where email = %s", [args.enable, _normal_email(args.email)])
     if cur.rowcount != 1:
         raise StackError(f"no account with email {args.email}")
     print(f"{args.email} {'enabled' if args.enable else 'disabled'}; its tokens stop at the next request")
+    return 0
+
+
+def cmd_mail_list(args: argparse.Namespace) -> int:
+    from tracepipe import mailsink
+
+    stored = mailsink.messages(_stack().mail_dir)
+    rows = [{"id": m.id, "to": m.to, "from": m.mail_from, "subject": m.subject, "date": m.date} for m in stored]
+    columns = [(name, operator.itemgetter(name)) for name in ("id", "to", "subject")]
+    return cli_api.emit(args, rows, lambda: cli_api.print_table(rows, columns, "no mail received"))
+
+
+def cmd_mail_show(args: argparse.Namespace) -> int:
+    from tracepipe import mailsink
+
+    try:
+        found = mailsink.find(_stack().mail_dir, args.id)
+    except KeyError:
+        raise StackError(f"no message {args.id} (see `tracepipe mail list`)") from None
+    sys.stdout.write(found.path.read_bytes().decode(errors="replace"))
     return 0
 
 
@@ -266,6 +297,14 @@ def build_parser() -> argparse.ArgumentParser:
     disable.add_argument("email")
     disable.add_argument("--enable", action="store_true", help="enable it again instead")
     disable.set_defaults(func=cmd_user_disable)
+    mail = sub.add_parser("mail", help="mail the stack sent, as its SMTP sink stored it (<state>/mail)")
+    mail_sub = mail.add_subparsers(dest="mail_command", required=True, metavar="ACTION")
+    mail_list = mail_sub.add_parser("list", help="every stored message, oldest first: id, recipient, subject")
+    mail_list.add_argument("--json", action="store_true", help="print JSON")
+    mail_list.set_defaults(func=cmd_mail_list)
+    mail_show = mail_sub.add_parser("show", help="one message as received (headers and body)")
+    mail_show.add_argument("id", help="an id from `tracepipe mail list`")
+    mail_show.set_defaults(func=cmd_mail_show)
     analysts.register(sub)
     cli_api.register(sub)
     return parser

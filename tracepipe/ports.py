@@ -8,7 +8,7 @@ import random
 import socket
 
 PORT_FIELDS = ("proxy_port", "pg_port", "pgrst_port", "pgrst_admin_port", "ext_port", "s3_port",
-               "weed_master_port", "weed_volume_port", "weed_filer_port")
+               "weed_master_port", "weed_volume_port", "weed_filer_port", "mail_port")
 GRPC_FIELDS = ("weed_master_port", "weed_volume_port", "weed_filer_port", "s3_port")
 
 

@@ -18,7 +18,7 @@ def seed_examples(owner_url: str, rows: int = 1_000_000, suites: int = 1000, mod
         conn.execute("set local synchronous_commit = off")
         owner = conn.execute(
             "insert into app.users (email, display_name) values (%s, 'Scale seed') "
-            "on conflict (lower(email)) do update set display_name = excluded.display_name returning id",
+            "on conflict (email) do update set display_name = excluded.display_name returning id",
             [SEED_OWNER]).fetchone()
         assert owner is not None
         conn.execute(

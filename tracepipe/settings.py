@@ -39,6 +39,7 @@ class StackSettings(BaseSettings):
     weed_volume_port: int = 18081
     weed_filer_port: int = 18888
     weed_grpc_offset: int = Field(10000, description="SeaweedFS gRPC port = HTTP port + this")
+    mail_port: int = Field(11025, description="SMTP port of the mail sink (ext's outgoing mail)")
 
     db_name: str = "tracepipe"
     pg_os_user: str = Field("tracepipe", description="unprivileged OS user that runs PostgreSQL when started as root")
@@ -82,6 +83,8 @@ class StackSettings(BaseSettings):
     auth_rate: str = Field("20r/s", description="nginx limit_req rate per client IP on auth endpoints")
     auth_burst: int = 40
     cors_origin_regex: str = r"^https?://(localhost|127\.0\.0\.1)(:[0-9]+)?$"
+    mail_max_bytes: int = Field(1024 * 1024, description="largest message the mail sink accepts")
+    mail_keep: int = Field(1000, description="messages the mail sink keeps (the oldest go first)")
 
     @property
     def proxy_url(self) -> str:

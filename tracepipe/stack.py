@@ -36,7 +36,7 @@ from tracepipe.settings import (
     StackSettings,
 )
 
-COMPONENTS = ("postgres", "seaweedfs", "postgrest", "ext", "nginx")
+COMPONENTS = ("postgres", "seaweedfs", "postgrest", "ext", "nginx", "mail")
 
 
 class StackError(RuntimeError):
@@ -202,7 +202,7 @@ class Stack:
     def process_names(self) -> list[str]:
         """Every process of the stack in start order; with scale N, PostgREST and ext run
         N instances each ("postgrest", "postgrest-1", …), stateless behind nginx."""
-        names = ["postgres", "seaweedfs"]
+        names = ["postgres", "seaweedfs", "mail"]
         for component in ("postgrest", "ext"):
             names += [component] + [f"{component}-{i}" for i in range(1, self.s.scale)]
         return [*names, "nginx"]
@@ -242,6 +242,7 @@ class Stack:
             "postgrest": lambda: self._start_postgrest(secrets, instance),
             "ext": lambda: self._start_ext(secrets, instance),
             "nginx": self._start_nginx,
+            "mail": self._start_mail,
         }
         starters[component]()
 
@@ -251,15 +252,15 @@ class Stack:
         for name in self.process_names():
             component, i = _split_instance(name)
             port = {"postgres": s.pg_port, "seaweedfs": s.s3_port, "postgrest": self.port(s.pgrst_port, i),
-                    "ext": self.port(s.ext_port, i), "nginx": s.proxy_port}[component]
+                    "ext": self.port(s.ext_port, i), "nginx": s.proxy_port, "mail": s.mail_port}[component]
             pid = self._pid(name)
             out.append(ComponentStatus(name, pid, port, pid is not None and self._answers(component, i)))
         return out
 
     def _answers(self, component: str, instance: int) -> bool:
         s = self.s
-        if component in ("postgres", "seaweedfs"):
-            return _port_open(s.host, s.pg_port if component == "postgres" else s.s3_port)
+        if component in ("postgres", "seaweedfs", "mail"):
+            return _port_open(s.host, {"postgres": s.pg_port, "seaweedfs": s.s3_port, "mail": s.mail_port}[component])
         url = {"postgrest": f"http://{s.host}:{self.port(s.pgrst_admin_port, instance)}/ready",
                "ext": f"http://{s.host}:{self.port(s.ext_port, instance)}/health",
                "nginx": f"{s.proxy_url}/health"}[component]
@@ -295,6 +296,7 @@ class Stack:
             "postgrest": first_line([str(self.postgrest_bin), "--version"]),
             "ext": f"tracepipe {version('tracepipe')}",
             "nginx": first_line([shutil.which("nginx") or "/usr/sbin/nginx", "-v"]),
+            "mail": _package_version("aiosmtpd"),
         }
 
     def pid_of(self, name: str) -> int | None:
@@ -514,6 +516,8 @@ class Stack:
             "TP_EXT_POSTGREST_URL": f"http://{s.host}:{self.port(s.pgrst_admin_port, instance)}",
             "TP_EXT_POSTGREST_API_URL": f"http://{s.host}:{self.port(s.pgrst_port, instance)}",
             "TP_EXT_ENVIRONMENT": "development",
+            "TP_EXT_SMTP_HOST": s.host,
+            "TP_EXT_SMTP_PORT": str(s.mail_port),
             # prometheus_client's multiprocess mode: one directory shared by the workers
             "PROMETHEUS_MULTIPROC_DIR": str(self.run_dir / f"{_instance_name('ext', instance)}-metrics"),
         }
@@ -531,6 +535,21 @@ class Stack:
                 "--forwarded-allow-ips", self.s.host, "--app-dir", str(REPO_ROOT)]
         self._spawn(name, argv, env=env)
         _wait(f"ext ({name})", lambda: _http_ok(f"http://{self.s.host}:{port}/health"), 60, self.logfile(name))
+
+    # --- mail sink ---------------------------------------------------------------------------------
+    @property
+    def mail_dir(self) -> Path:
+        """Where the mail sink stores each message it receives (tracepipe/mailsink.py)."""
+        return self.state / "mail"
+
+    def mail_argv(self) -> list[str]:
+        s = self.s
+        return [sys.executable, "-m", "tracepipe.mailsink", "--host", s.host, "--port", str(s.mail_port),
+                "--dir", str(self.mail_dir), "--max-bytes", str(s.mail_max_bytes), "--keep", str(s.mail_keep)]
+
+    def _start_mail(self) -> None:
+        self._spawn("mail", self.mail_argv(), env={"PYTHONPATH": str(REPO_ROOT)})
+        _wait("mail sink", lambda: _port_open(self.s.host, self.s.mail_port), 30, self.logfile("mail"))
 
     # --- nginx -------------------------------------------------------------------------------------
     def nginx_vars(self) -> dict[str, str]:
@@ -603,6 +622,15 @@ def render_template(text: str, values: dict[str, str]) -> str:
         return values[m.group(1)]
 
     return _PLACEHOLDER.sub(sub, text)
+
+
+def _package_version(name: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"{name} {version(name)}"
+    except PackageNotFoundError:
+        return "not installed"
 
 
 def _sha256(path: Path) -> str:

@@ -51,3 +51,4 @@ as $$
 $$;
 comment on function api.me() is 'The caller''s profile, memberships and pending invitations (what GET /users/me answers).';
 grant execute on function api.me() to tp_user, tp_pipeline, tp_admin;
+grant select (email_verified_at) on app.users to tp_user, tp_pipeline, tp_admin;

@@ -13,7 +13,7 @@ as $$
     values (email, password_hash, display_name)
     returning id
 $$;
-comment on function auth.signup(text, text, text) is 'Creates a person (tp_user). A taken email raises 23505.';
+comment on function auth.signup(text, text, text) is 'Creates a person (tp_user). The email must be normalised (app.normalize_email; the trigger refuses others); a taken email or skeleton raises 23505.';
 
 create or replace function auth.login_lookup(email text)
     returns table (id uuid, password_hash text, account_role text, disabled boolean)
@@ -21,7 +21,7 @@ create or replace function auth.login_lookup(email text)
     set search_path = ''
 as $$
     select u.id, u.password_hash, u.account_role, u.disabled_at is not null
-    from app.users u where lower(u.email) = lower(login_lookup.email)
+    from app.users u where u.email = app.normalize_email(login_lookup.email)
 $$;
 comment on function auth.login_lookup(text) is 'The account and password hash for an email, for ext to verify.';
 
@@ -114,6 +114,67 @@ revoke all on function auth.signup(text, text, text), auth.login_lookup(text),
 grant execute on function auth.signup(text, text, text), auth.login_lookup(text),
     auth.start_login(uuid, bytea, interval), auth.rotate_refresh(bytea, bytea, interval),
     auth.end_login(uuid, uuid, bytea), auth.key_lookup(text), auth.touch_key(uuid) to tp_auth;
+
+-- Email verification: ext mails a one-time code; only its sha256 is stored.
+create or replace function auth.start_email_verification(account uuid, token_hash bytea, ttl interval)
+    returns text
+    language plpgsql volatile security definer
+    set search_path = ''
+as $$
+declare
+    address text;
+begin
+    select u.email into address from app.users u
+    where u.id = account and u.email_verified_at is null and u.disabled_at is null;
+    if address is null then
+        return null;
+    end if;
+    -- one live code per account: a new one replaces the unused ones
+    delete from app.email_verifications v where v.user_id = account and v.used_at is null;
+    insert into app.email_verifications (user_id, email, token_hash, expires_at)
+    values (account, address, start_email_verification.token_hash, now() + ttl);
+    return address;
+end
+$$;
+comment on function auth.start_email_verification(uuid, bytea, interval) is 'Records a verification code for the account''s address and returns the address to mail it to (null: already verified or disabled).';
+
+-- 'ok', or why not: 'invalid' (unknown code, or the account's address changed since),
+-- 'used', 'expired'.
+create or replace function auth.verify_email(token_hash bytea)
+    returns table (status text, user_id uuid)
+    language plpgsql volatile security definer
+    set search_path = ''
+as $$
+declare
+    v app.email_verifications%rowtype;
+begin
+    select * into v from app.email_verifications x where x.token_hash = verify_email.token_hash for update;
+    if not found then
+        return query select 'invalid', null::uuid;
+        return;
+    end if;
+    if v.used_at is not null then
+        return query select 'used', v.user_id;
+        return;
+    end if;
+    if v.expires_at <= now() then
+        return query select 'expired', v.user_id;
+        return;
+    end if;
+    update app.email_verifications x set used_at = now() where x.id = v.id;
+    update app.users u set email_verified_at = coalesce(u.email_verified_at, now())
+    where u.id = v.user_id and u.email = v.email;
+    if not found then
+        return query select 'invalid', v.user_id;
+        return;
+    end if;
+    return query select 'ok', v.user_id;
+end
+$$;
+comment on function auth.verify_email(bytea) is 'Spends a verification code (single use, before it expires): the account''s email is verified.';
+
+revoke all on function auth.start_email_verification(uuid, bytea, interval), auth.verify_email(bytea) from public;
+grant execute on function auth.start_email_verification(uuid, bytea, interval), auth.verify_email(bytea) to tp_auth;
 
 -- Brute-force throttle. Seconds the subject must wait before trying again (0: go ahead).
 create or replace function auth.throttle_wait(subject text, max_failures integer, time_window interval)

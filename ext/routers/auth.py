@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import re
 import secrets
 import time
@@ -18,14 +19,16 @@ import psycopg
 from fastapi import APIRouter, Header, Response
 from pydantic import BaseModel, Field, field_validator
 
+from ext import emails, mail
+from ext.config import ExtSettings
 from ext.db import as_caller, as_identity_service, as_identity_session
 from ext.deps import CallerDep, IdentityPoolDep, KeysDep, PoolDep, RequestIdDep, SettingsDep
 from ext.errors import ApiError, unauthorized
 from ext.passwords import hash_password, verify_password
 
 router = APIRouter(tags=["auth"])
+log = logging.getLogger("ext.auth")
 
-EMAIL = re.compile(r"^[^@\s]{1,200}@[^@\s]{1,200}$")
 KEY_FORMAT = re.compile(r"^(tp_[0-9a-f]{12})_[0-9a-f]{48}$")
 _DUMMY_KEY_HASH = hashlib.sha256(b"tracepipe-dummy-key").digest()
 
@@ -47,22 +50,31 @@ def _touch_due(key_id: str) -> bool:
     return True
 
 
+def _normal_email(v: str) -> str:
+    """The one spelling of the address (ext/emails.py); a ValueError names what is wrong."""
+    try:
+        return emails.normalize(v)
+    except emails.InvalidEmail as e:
+        raise ValueError(str(e)) from None
+
+
 class SignupBody(BaseModel):
-    email: str = Field(max_length=320)
+    email: str = Field(max_length=320, description="stored and compared in its normal form (NFKC, casefold)")
     password: str
     display_name: str | None = Field(None, max_length=200)
 
-    @field_validator("email")
-    @classmethod
-    def _email(cls, v: str) -> str:
-        if not EMAIL.match(v):
-            raise ValueError("not an email address")
-        return v
+    _email = field_validator("email")(_normal_email)
 
 
 class LoginBody(BaseModel):
     email: str = Field(max_length=320)
     password: str = Field(max_length=4096)
+
+    _email = field_validator("email")(_normal_email)
+
+
+class VerifyEmailBody(BaseModel):
+    token: str = Field(max_length=200, description="the code of the verification mail")
 
 
 class RefreshBody(BaseModel):
@@ -94,6 +106,30 @@ def _new_refresh_token() -> str:
     return "tpr_" + secrets.token_urlsafe(32)
 
 
+def _new_verification_code() -> str:
+    return "tpv_" + secrets.token_urlsafe(32)
+
+
+async def _start_verification(conn: Any, settings: ExtSettings, user_id: Any) -> tuple[str | None, str]:
+    """Records a new code for the account; (the address to mail it to or None, the code)."""
+    code = _new_verification_code()
+    cur = await conn.execute("select auth.start_email_verification(%s, %s, %s) as email",
+                             [user_id, _sha256(code), timedelta(seconds=settings.verify_email_ttl_s)])
+    row = await cur.fetchone()
+    return (row["email"] if row else None), code
+
+
+def _mail_verification(settings: ExtSettings, address: str, code: str) -> None:
+    hours = settings.verify_email_ttl_s / 3600
+    link = settings.verify_email_link.replace("{token}", code) if settings.verify_email_link else ""
+    text = (f"Your Tracepipe verification code:\n\n    {code}\n\n"
+            + (f"Open {link}\nor send the code" if link else "Send it")
+            + f' with POST /auth/verify-email {{"token": "<code>"}}. It is valid for {hours:g} hours, once.\n\n'
+            "If you did not sign up for Tracepipe, ignore this mail: the account cannot receive what is meant "
+            "for this address until the code is used.\n")
+    mail.deliver_later(settings, mail.compose(settings, address, "Verify your Tracepipe email address", text))
+
+
 async def _start_login(pool: PoolDep, keys: KeysDep, settings: SettingsDep, user_id: Any, role: str) -> TokenPair:
     refresh = _new_refresh_token()
     async with as_identity_service(pool) as conn:
@@ -116,12 +152,56 @@ async def signup(body: SignupBody, pool: PoolDep, keys: KeysDep, settings: Setti
             cur = await conn.execute("select auth.signup(%s, %s, %s) as id",
                                      [body.email, password_hash, body.display_name])
             row = await cur.fetchone()
+            assert row is not None
+            address, code = await _start_verification(conn, settings, row["id"])
     except psycopg.errors.UniqueViolation:
+        # the address, or a confusable spelling of it (emails.skeleton), has an account
         raise ApiError(409, "TP409", "an account with this email exists", None,
                        "Sign in with POST /auth/login.") from None
-    assert row is not None
+    except psycopg.errors.IntegrityError as e:
+        # never the database's text: "Failing row contains" would carry the password hash
+        log.warning("signup refused by the database: %s", e.diag.constraint_name or e.diag.sqlstate)
+        raise ApiError(422, "TP422", "invalid request: email: not accepted", None,
+                       "Use a plain email address without control or space characters.") from None
+    if address is not None:
+        _mail_verification(settings, address, code)
     pair = await _start_login(pool, keys, settings, row["id"], "tp_user")
-    return {"id": str(row["id"]), "email": body.email, "display_name": body.display_name, **pair.model_dump()}
+    return {"id": str(row["id"]), "email": body.email, "display_name": body.display_name,
+            "email_verified": False, **pair.model_dump()}
+
+
+@router.post("/auth/verify-email", summary="Prove the account's address with the code of the verification mail")
+async def verify_email(body: VerifyEmailBody, pool: PoolDep) -> dict[str, Any]:
+    async with as_identity_service(pool) as conn:
+        cur = await conn.execute("select * from auth.verify_email(%s)", [_sha256(body.token)])
+        row = await cur.fetchone()
+    status = row["status"] if row else "invalid"
+    if status != "ok":
+        message = {"used": "verification code already used", "expired": "verification code expired"}.get(
+            status, "invalid verification code")
+        raise ApiError(400, "TP400", message, "token",
+                       "Ask for a new code with POST /auth/verify-email/resend (signed in).")
+    return {"email_verified": True}
+
+
+@router.post("/auth/verify-email/resend", status_code=202, summary="Mail a new verification code")
+async def resend_verification(caller: CallerDep, pool: PoolDep, settings: SettingsDep,
+                              rid: RequestIdDep) -> dict[str, Any]:
+    if caller.get("key_id"):
+        raise ApiError(403, "TP403", "a session token is required", None, "Sign in with POST /auth/login.")
+    async with as_caller(pool, caller, rid):
+        pass  # the token must still be valid (not revoked)
+    subject = f"verify:{caller['sub']}"
+    async with as_identity_service(pool) as conn:
+        await _throttle(conn, subject, settings.verify_resend_max, settings)
+        address, code = await _start_verification(conn, settings, caller["sub"])
+        if address is not None:
+            await conn.execute("select auth.throttle_fail(%s, %s)",
+                               [subject, timedelta(seconds=settings.throttle_window_s)])
+    if address is None:
+        raise ApiError(409, "TP409", "email already verified", None, None)
+    _mail_verification(settings, address, code)
+    return {"sent_to": address}
 
 
 def _throttled(wait: int, subject: str) -> None:
@@ -146,7 +226,7 @@ async def _record_failure(pool: PoolDep, subject: str, settings: SettingsDep) ->
 
 @router.post("/auth/login", summary="Sign in with email and password")
 async def login(body: LoginBody, pool: PoolDep, keys: KeysDep, settings: SettingsDep) -> TokenPair:
-    subject = f"login:{body.email.lower()}"
+    subject = f"login:{body.email}"  # the normal form: one budget per address, whatever its spelling
     async with as_identity_service(pool) as conn:
         await _throttle(conn, subject, settings.login_max_failures, settings)
         cur = await conn.execute("select * from auth.login_lookup(%s)", [body.email])

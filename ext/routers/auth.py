@@ -277,9 +277,14 @@ async def token(pool: PoolDep, identity_pool: IdentityPoolDep, keys: KeysDep, se
     scheme, _, key = authorization.partition(" ")
     key = key.strip()
     match = KEY_FORMAT.match(key)
-    if scheme.lower() != "apikey" or not match:
+    if scheme.lower() != "apikey" or not key:
         raise ApiError(401, "TP401", "an API key is required", "Authorization: ApiKey tp_…",
+                       "Send Authorization: ApiKey <your key>; create keys with POST /api-keys.",
                        headers={"WWW-Authenticate": "ApiKey"})
+    if not match:
+        raise ApiError(401, "TP401", "this is not an API key", "keys look like tp_<12 hex>_<48 hex>",
+                       "Copy the whole key POST /api-keys showed once; a lost key cannot be shown again: create "
+                       "a new one.", headers={"WWW-Authenticate": "ApiKey"})
     subject = f"key:{match.group(1)}"
     # One statement, one round trip: the throttle and the lookup on a connection that is
     # tp_auth in autocommit (ext/db.py make_identity_pool; the pool pings only idle

@@ -9,6 +9,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -21,7 +26,8 @@ import pytest
 
 from tests.bundles import bundle, write_large_bundle
 from tests.conftest import User, assert_error_body, create_key, create_suite, key_client
-from tests.test_sessions import Bucket, make_bucket
+from tests.test_sessions import RSS_BOUND, Bucket, PeakRss, ext_workers, make_bucket, sha256_of
+from tracepipe import credentials
 from tracepipe.settings import REPO_ROOT
 from tracepipe.stack import Stack
 
@@ -276,3 +282,210 @@ def test_an_abandoned_upload_is_aborted_after_it_expires(person: User, su: psyco
         time.sleep(0.5)
     assert_nothing_left(su, bucket, str(row["id"]), str(row["session_id"]))
     assert person.client.head(url, headers=TUS).status_code == 404
+
+
+# --- real clients, killed and resumed -----------------------------------------------------------
+TUSPY = """
+import sys
+from tusclient import client
+from tusclient.storage.filestorage import FileStorage
+endpoint, token, path, store, chunk = sys.argv[1:]
+tus = client.TusClient(endpoint, headers={"Authorization": f"Bearer {token}"})
+uploader = tus.uploader(path, chunk_size=int(chunk), metadata={"filename": "big.zip"}, store_url=True,
+                        url_storage=FileStorage(store), retries=10, retry_delay=1)
+uploader.upload()
+print(uploader.request.response_headers.get("upload-session-id"))
+"""
+
+
+@pytest.fixture(scope="module")
+def tus_js() -> Path:
+    """tus-js-client from tests/js/package-lock.json (npm ci when absent)."""
+    if not (JS_DIR / "node_modules" / "tus-js-client").is_dir():
+        npm = shutil.which("npm")
+        assert npm, "npm is needed (scripts/bootstrap.sh installs it)"
+        subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=JS_DIR, check=True, timeout=300)
+    return JS_DIR / "upload.mjs"
+
+
+def the_upload(su: psycopg.Connection[dict[str, Any]], user: User) -> dict[str, Any] | None:
+    return su.execute("select id, upload_offset, upload_length, state, session_id from app.tus_uploads"
+                      " where user_id = %s", [user.id]).fetchone()
+
+
+def kill_mid_upload_and_resume(argv: list[str], user: User, su: psycopg.Connection[dict[str, Any]],
+                               path: Path) -> tuple[str, int]:
+    """Runs the client until the server holds at least 24 MiB, SIGKILLs it, checks the
+    server's offset, runs a new client process to the end; (session id, offset at the kill)."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and proc.poll() is None:
+        row = the_upload(su, user)
+        if row is not None and row["upload_offset"] >= 24 * MiB:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, ("the client ended before it was killed", proc.communicate())
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    row = the_upload(su, user)
+    assert row is not None
+    offset = head_offset(user.client, f"/uploads/{row['id']}")
+    assert 0 < offset < path.stat().st_size, offset
+    resumed = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, (resumed.stdout, resumed.stderr)
+    session_id = resumed.stdout.strip().splitlines()[-1]
+    assert session_id == str(row["session_id"])
+    return session_id, offset
+
+
+def check_session(user: User, session_id: str, path: Path) -> None:
+    r = user.client.get(f"/sessions/{session_id}")
+    assert r.status_code == 200, r.text
+    assert r.json()["sha256"] == sha256_of(path) and r.json()["size_bytes"] == path.stat().st_size
+    assert r.json()["screenshot_count"] == 26
+
+
+@pytest.mark.slow
+def test_tuspy_killed_mid_upload_resumes_from_the_servers_offset(
+        stack: Stack, make_user: Callable[..., User], su: psycopg.Connection[dict[str, Any]], bucket: Bucket,
+        big_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    user = make_user()
+    argv = [sys.executable, "-c", TUSPY, f"{stack.s.proxy_url}/uploads", user.token, str(big_bundle),
+            str(tmp_path / "tuspy-urls.json"), str(8 * MiB)]
+    with PeakRss(ext_workers(stack)) as rss:
+        session_id, offset = kill_mid_upload_and_resume(argv, user, su, big_bundle)
+    check_session(user, session_id, big_bundle)
+    assert not bucket.open_uploads(f"sessions/{session_id}/")
+    with capsys.disabled():
+        print(f"\n[tuspy, {big_bundle.stat().st_size / MiB:.0f} MiB, killed at {offset / MiB:.0f} MiB]"
+              f" ext peak RSS: {rss.report()}")
+    assert rss.peak < RSS_BOUND, rss.report()
+
+
+@pytest.mark.slow
+def test_tus_js_client_killed_mid_upload_resumes_from_the_servers_offset(
+        stack: Stack, make_user: Callable[..., User], su: psycopg.Connection[dict[str, Any]], bucket: Bucket,
+        big_bundle: Path, tmp_path: Path, tus_js: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    node = shutil.which("node")
+    assert node, "node is needed (scripts/bootstrap.sh installs npm, which brings it)"
+    user = make_user()
+    # One PATCH for the whole file (tus-js-client's default chunkSize is the whole file): the
+    # server keeps what arrived before the kill, part by part.
+    argv = [node, str(tus_js), f"{stack.s.proxy_url}/uploads", user.token, str(big_bundle),
+            str(tmp_path / "js-urls.json"), str(big_bundle.stat().st_size)]
+    with PeakRss(ext_workers(stack)) as rss:
+        session_id, offset = kill_mid_upload_and_resume(argv, user, su, big_bundle)
+    check_session(user, session_id, big_bundle)
+    assert not bucket.open_uploads(f"sessions/{session_id}/")
+    with capsys.disabled():
+        print(f"\n[tus-js-client, {big_bundle.stat().st_size / MiB:.0f} MiB, killed at {offset / MiB:.0f} MiB]"
+              f" ext peak RSS: {rss.report()}")
+    assert rss.peak < RSS_BOUND, rss.report()
+
+
+# --- ext restarted, two ext instances ----------------------------------------------------------------
+@pytest.mark.slow
+def test_ext_restarted_mid_patch_the_upload_continues(stack: Stack, make_user: Callable[..., User],
+                                                      su: psycopg.Connection[dict[str, Any]],
+                                                      big_bundle: Path) -> None:
+    user = make_user()
+    size = big_bundle.stat().st_size
+    url = create(user, size)
+    paused, go_on = threading.Event(), threading.Event()
+    outcome: list[Any] = []
+
+    def body() -> Iterator[bytes]:
+        with big_bundle.open("rb") as f:
+            sent = 0
+            while chunk := f.read(MiB):
+                yield chunk
+                sent += len(chunk)
+                if sent == 40 * MiB:
+                    paused.set()
+                    go_on.wait(120)
+
+    def send() -> None:
+        try:
+            outcome.append(patch(user.client, url, 0, body(), **{"Content-Length": str(size)}))
+        except httpx.HTTPError as e:
+            outcome.append(e)
+
+    thread = threading.Thread(target=send)
+    thread.start()
+    assert paused.wait(120)
+    deadline = time.monotonic() + 60
+    while (upload_row(su, url) or {}).get("upload_offset", 0) < 32 * MiB and time.monotonic() < deadline:
+        time.sleep(0.1)
+    stack.stop_component("ext", grace=0)  # SIGTERM then SIGKILL: the PATCH dies with ext
+    stack.start_component("ext")
+    go_on.set()
+    thread.join(120)
+    # The PATCH failed with ext (a 502 that nginx's error page, whose location keeps the API body
+    # limit, turns into an HTML 413 for a body this large; or a transport error).
+    assert outcome and (isinstance(outcome[0], httpx.HTTPError) or outcome[0].status_code >= 400), outcome
+    deadline = time.monotonic() + 30
+    while True:  # the proxy's keep-alive connections to the old ext may still fail once
+        try:
+            offset = head_offset(user.client, url)
+            break
+        except (AssertionError, httpx.HTTPError):
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+    assert 32 * MiB <= offset <= 40 * MiB, offset  # the parts committed before the kill
+    with big_bundle.open("rb") as f:
+        f.seek(offset)
+        r = patch(user.client, url, offset, f.read())
+    assert r.status_code == 204, r.text
+    check_session(user, r.headers["upload-session-id"], big_bundle)
+
+
+@pytest.fixture(scope="module")
+def second_ext(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Another ext instance on a port of its own, sharing the stack's database and store."""
+    with socket.socket() as s:
+        s.bind((stack.s.host, 0))
+        port = s.getsockname()[1]
+    metrics = tmp_path_factory.mktemp("ext2-metrics")
+    env = {**os.environ, **stack.ext_env(credentials.load_or_create(stack.state)),
+           "PROMETHEUS_MULTIPROC_DIR": str(metrics)}
+    log = (tmp_path_factory.mktemp("ext2") / "ext.log").open("wb")
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "uvicorn"), "ext.main:app", "--host", stack.s.host,
+                             "--port", str(port), "--app-dir", str(REPO_ROOT)], env=env, stdout=log,
+                            stderr=subprocess.STDOUT)
+    base = f"http://{stack.s.host}:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert proc.poll() is None and time.monotonic() < deadline, "the second ext did not start"
+        time.sleep(0.3)
+    yield base
+    proc.terminate()
+    proc.wait(30)
+    log.close()
+
+
+def test_an_upload_spread_over_two_ext_instances(person: User, second_ext: str,
+                                                 su: psycopg.Connection[dict[str, Any]], tmp_path: Path) -> None:
+    path = tmp_path / "b.zip"
+    write_large_bundle(str(path), screenshots=8, screenshot_bytes=4 * MiB)
+    data = path.read_bytes()
+    url = create(person, len(data))
+    with httpx.Client(base_url=second_ext, headers=person.client.headers, timeout=60) as other:
+        clients = [person.client, other]  # the proxy's ext, then the second instance, in turn
+        offset, turn = 0, 0
+        for size in (6 * MiB, 3 * MiB, 7 * MiB, 2 * MiB, 9 * MiB):
+            r = patch(clients[turn % 2], url, offset, data[offset:offset + size])
+            assert r.status_code == 204, r.text
+            offset += size
+            turn += 1
+            assert head_offset(clients[turn % 2], url) == offset  # the other instance knows it at once
+        r = patch(clients[turn % 2], url, offset, data[offset:])
+    assert r.status_code == 204, r.text
+    row = upload_row(su, url)
+    assert row is not None and row["state"] == "done"
+    session = person.client.get(f"/sessions/{r.headers['upload-session-id']}").json()
+    assert session["sha256"] == hashlib.sha256(data).hexdigest()

@@ -309,33 +309,38 @@ def tus_js() -> Path:
 
 
 def the_upload(su: psycopg.Connection[dict[str, Any]], user: User) -> dict[str, Any] | None:
-    return su.execute("select id, upload_offset, upload_length, state, session_id from app.tus_uploads"
-                      " where user_id = %s", [user.id]).fetchone()
+    """The user's one tus upload (a resumed client that started another would show two)."""
+    rows = su.execute("select id, upload_offset, upload_length, state, session_id from app.tus_uploads"
+                      " where user_id = %s", [user.id]).fetchall()
+    assert len(rows) <= 1, rows
+    return rows[0] if rows else None
 
 
-def kill_mid_upload_and_resume(argv: list[str], user: User, su: psycopg.Connection[dict[str, Any]],
-                               path: Path) -> tuple[str, int]:
-    """Runs the client until the server holds at least 24 MiB, SIGKILLs it, checks the
-    server's offset, runs a new client process to the end; (session id, offset at the kill)."""
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def kill_mid_upload_and_resume(argv: list[str], user: User, su: psycopg.Connection[dict[str, Any]], path: Path,
+                               sig: signal.Signals = signal.SIGKILL,
+                               env: dict[str, str] | None = None) -> tuple[str, int]:
+    """Runs the client until the server holds at least 24 MiB, stops it with `sig`, checks
+    the server's offset, runs a new client process to the end; (its last stdout line, the
+    offset at the kill). The second process continued the same upload (one row, one session)."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and proc.poll() is None:
         row = the_upload(su, user)
         if row is not None and row["upload_offset"] >= 24 * MiB:
             break
         time.sleep(0.05)
-    assert proc.poll() is None, ("the client ended before it was killed", proc.communicate())
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate()
+    assert proc.poll() is None, ("the client ended before it was stopped", proc.communicate())
+    proc.send_signal(sig)
+    proc.communicate(timeout=60)
     row = the_upload(su, user)
     assert row is not None
     offset = head_offset(user.client, f"/uploads/{row['id']}")
     assert 0 < offset < path.stat().st_size, offset
-    resumed = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(argv, capture_output=True, text=True, timeout=600, env=env)
     assert resumed.returncode == 0, (resumed.stdout, resumed.stderr)
-    session_id = resumed.stdout.strip().splitlines()[-1]
-    assert session_id == str(row["session_id"])
-    return session_id, offset
+    after = the_upload(su, user)
+    assert after is not None and after["id"] == row["id"] and after["state"] == "done"
+    return resumed.stdout.strip().splitlines()[-1], offset
 
 
 def check_session(user: User, session_id: str, path: Path) -> None:
@@ -354,6 +359,7 @@ def test_tuspy_killed_mid_upload_resumes_from_the_servers_offset(
             str(tmp_path / "tuspy-urls.json"), str(8 * MiB)]
     with PeakRss(ext_workers(stack)) as rss:
         session_id, offset = kill_mid_upload_and_resume(argv, user, su, big_bundle)
+    assert session_id == str(the_upload(su, user)["session_id"])  # type: ignore[index]
     check_session(user, session_id, big_bundle)
     assert not bucket.open_uploads(f"sessions/{session_id}/")
     with capsys.disabled():
@@ -375,6 +381,7 @@ def test_tus_js_client_killed_mid_upload_resumes_from_the_servers_offset(
             str(tmp_path / "js-urls.json"), str(big_bundle.stat().st_size)]
     with PeakRss(ext_workers(stack)) as rss:
         session_id, offset = kill_mid_upload_and_resume(argv, user, su, big_bundle)
+    assert session_id == str(the_upload(su, user)["session_id"])  # type: ignore[index]
     check_session(user, session_id, big_bundle)
     assert not bucket.open_uploads(f"sessions/{session_id}/")
     with capsys.disabled():
@@ -489,3 +496,20 @@ def test_an_upload_spread_over_two_ext_instances(person: User, second_ext: str,
     assert row is not None and row["state"] == "done"
     session = person.client.get(f"/sessions/{r.headers['upload-session-id']}").json()
     assert session["sha256"] == hashlib.sha256(data).hexdigest()
+
+
+def test_cli_session_upload_resumes_after_ctrl_c(stack: Stack, stack_env: dict[str, str],
+                                                 make_user: Callable[..., User],
+                                                 su: psycopg.Connection[dict[str, Any]], big_bundle: Path,
+                                                 tmp_path: Path) -> None:
+    user = make_user()
+    env = {**{k: v for k, v in stack_env.items() if not k.startswith("TRACEPIPE_")},
+           "TRACEPIPE_URL": stack.s.proxy_url, "TRACEPIPE_EMAIL": user.email, "TRACEPIPE_PASSWORD": user.password,
+           "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    argv = [str(Path(sys.executable).parent / "tracepipe"), "session", "upload", "--no-progress",
+            "--tus-threshold", str(MiB), str(big_bundle)]
+    line, _ = kill_mid_upload_and_resume(argv, user, su, big_bundle, signal.SIGINT, env)
+    session_id = line.split()[0]
+    assert session_id == str(the_upload(su, user)["session_id"])  # type: ignore[index]
+    check_session(user, session_id, big_bundle)
+    assert not list((tmp_path / "cache" / "tracepipe" / "uploads").iterdir()), "the resume file stays behind"

@@ -1,5 +1,5 @@
 """Resumable uploads of session bundles: tus 1.0.0 core + creation + termination +
-expiration on /uploads (DESIGN.md §11), after tusd (pkg/handler/unrouted_handler.go: one
+expiration + checksum (sha256) on /uploads (DESIGN.md §11), after tusd (pkg/handler/unrouted_handler.go: one
 handler per verb, the offset checked before any byte is written; pkg/s3store/s3store.go:
 the bytes go straight into an S3 multipart upload, and a tail smaller than S3's minimum
 part waits in an "incomplete part" object of its own until the next PATCH completes it).
@@ -56,7 +56,7 @@ log = logging.getLogger("ext.tus")
 router = APIRouter(tags=["uploads"])
 
 TUS_VERSION = "1.0.0"
-EXTENSIONS = "creation,termination,expiration"
+EXTENSIONS = "creation,termination,expiration,checksum"
 OFFSET_TYPE = "application/offset+octet-stream"
 COLUMNS = ("id, suite_id, upload_length, upload_offset, metadata, session_id, s3_upload_id, parts, tail_key,"
            " tail_bytes, state, error, expires_at")
@@ -152,6 +152,23 @@ def parse_metadata(header: str, max_bytes: int) -> dict[str, str]:
     return out
 
 
+def _parse_checksum(header: str | None) -> bytes | None:
+    """Upload-Checksum: `sha256 <base64 digest>` (the checksum extension, sha256 only)."""
+    if header is None:
+        return None
+    algorithm, _, encoded = header.strip().partition(" ")
+    if algorithm.lower() != "sha256":
+        raise tus_error(400, "Upload-Checksum: unsupported algorithm", {"header": "Upload-Checksum"},
+                        "Use sha256.", **{"Tus-Checksum-Algorithm": "sha256"})
+    try:
+        digest = base64.b64decode(encoded.strip(), validate=True)
+    except binascii.Error:
+        digest = b""
+    if len(digest) != 32:
+        raise tus_error(400, "Upload-Checksum: not a base64 sha256 digest", {"header": "Upload-Checksum"})
+    return digest
+
+
 def encode_metadata(metadata: dict[str, str]) -> str:
     return ",".join(f"{k} {base64.b64encode(v.encode()).decode()}" for k, v in metadata.items())
 
@@ -198,13 +215,20 @@ async def _select(conn: psycopg.AsyncConnection[Any], upload_id: str, lock: bool
     return await cur.fetchone()
 
 
+def _check_live(row: dict[str, Any] | None) -> dict[str, Any]:
+    if row is None:
+        raise not_found()
+    if row["expires_at"] < datetime.now(UTC) and row["state"] != "done":
+        raise tus_error(410, "the upload expired", {"expires_at": row["expires_at"].isoformat()},
+                        "Start a new upload (POST /uploads).")
+    return row
+
+
 async def _visible(pool: AsyncConnectionPool, caller: dict[str, Any], rid: str | None,
                    upload_id: str) -> dict[str, Any]:
     async with as_caller(pool, caller, rid) as conn:
         row = await _select(conn, upload_id)
-    if row is None:
-        raise not_found()
-    return row
+    return _check_live(row)
 
 
 @asynccontextmanager
@@ -216,9 +240,7 @@ async def _locked(lock_pool: AsyncConnectionPool, caller: dict[str, Any], rid: s
     async with lock_pool.connection() as conn:
         async with conn.transaction():
             await become_caller(conn, caller, rid)
-            row = await _select(conn, upload_id, lock=True)
-            if row is None:
-                raise not_found()
+            row = _check_live(await _select(conn, upload_id, lock=True))
             cur = await conn.execute("select pg_try_advisory_lock(%s) as locked, auth.can_write() as can_write", [key])
             flags = await cur.fetchone()
         assert flags is not None
@@ -299,11 +321,14 @@ class _Receiver:
         self._chunks: list[bytes] = []  # bytes from parts_bytes on, not in a part yet
         self._buffered = 0
 
-    async def receive(self, request: Request) -> None:
+    async def receive(self, request: Request, checksum: bytes | None = None) -> None:
+        """With `checksum` (sha256 of this PATCH's body, at most tus_part_bytes) nothing is
+        kept until the body is in and matches: a mismatch or a cut body changes nothing."""
         if self.tail_bytes:
             self._add(await self._read_tail())
         room = self.length - self.offset
         received = 0
+        chunk_digest = hashlib.sha256() if checksum is not None else None
         try:
             async for chunk in request.stream():
                 if not chunk:
@@ -316,12 +341,22 @@ class _Receiver:
                 self._add(chunk)
                 if self.hasher is not None:
                     self.hasher.update(chunk)
+                if chunk_digest is not None:
+                    chunk_digest.update(chunk)
+                    continue
                 while self._buffered >= self.part_bytes:
                     await self._send_part(self._take(self.part_bytes))
         except ClientDisconnect:  # keep what arrived (tus: the client resumes from the offset)
-            await self._save_rest()
-            DIGESTS.put(self.id, self.offset, self.hasher)
+            if chunk_digest is None:
+                await self._save_rest()
+                DIGESTS.put(self.id, self.offset, self.hasher)
             raise
+        if chunk_digest is not None:
+            if chunk_digest.digest() != checksum:
+                raise tus_error(460, "Upload-Checksum does not match the body", {"header": "Upload-Checksum"},
+                                "Nothing of this PATCH was kept: send it again.", code="TP460")
+            while self._buffered >= self.part_bytes:
+                await self._send_part(self._take(self.part_bytes))
         await self._save_rest()
         DIGESTS.put(self.id, self.offset, self.hasher)
 
@@ -446,7 +481,8 @@ async def _finish(conn: psycopg.AsyncConnection[Any], caller: dict[str, Any], ri
 @router.options("/uploads/{upload_id}", status_code=204, include_in_schema=False)
 async def tus_options(settings: SettingsDep) -> Response:
     return Response(status_code=204, headers=tus_headers(**{
-        "Tus-Version": TUS_VERSION, "Tus-Extension": EXTENSIONS, "Tus-Max-Size": str(settings.max_bundle_bytes)}))
+        "Tus-Version": TUS_VERSION, "Tus-Extension": EXTENSIONS, "Tus-Max-Size": str(settings.max_bundle_bytes),
+        "Tus-Checksum-Algorithm": "sha256"}))
 
 
 @router.post("/uploads", status_code=201, summary="tus creation: a resumable bundle upload (Upload-Length, "
@@ -545,6 +581,11 @@ async def upload_patch(request: Request, upload_id: str, caller: CallerDep, lock
         raise tus_error(400, "Upload-Offset is required", {"header": "Upload-Offset"},
                         "HEAD the upload for its offset.")
     declared = _header_int(request, "Content-Length")
+    checksum = _parse_checksum(request.headers.get("upload-checksum"))
+    if checksum is not None and (declared is None or declared > settings.tus_part_bytes):
+        raise tus_error(413 if declared else 400, "a PATCH with Upload-Checksum carries Content-Length and at most "
+                        f"{settings.tus_part_bytes} bytes", {"header": "Content-Length"},
+                        "Send smaller chunks, or no Upload-Checksum.")
     uid = _parse_id(upload_id)
     async with _locked(lock_pool, caller, rid, uid) as (conn, row):
         length = row["upload_length"]
@@ -560,7 +601,7 @@ async def upload_patch(request: Request, upload_id: str, caller: CallerDep, lock
         hasher = None
         if offset < length:
             receiver = _Receiver(conn, caller, rid, store, settings, row)
-            await receiver.receive(request)
+            await receiver.receive(request, checksum)
             row = {**row, "upload_offset": receiver.offset, "parts": receiver.parts,
                    "tail_key": receiver.tail_key, "tail_bytes": receiver.tail_bytes}
             hasher = receiver.hasher

@@ -25,7 +25,7 @@ import psycopg
 import pytest
 
 from tests.bundles import bundle, write_large_bundle
-from tests.conftest import User, assert_error_body, create_key, create_suite, key_client
+from tests.conftest import User, assert_error_body, create_key, create_suite, key_client, run_cli
 from tests.test_sessions import RSS_BOUND, Bucket, PeakRss, ext_workers, make_bucket, sha256_of
 from tracepipe import credentials
 from tracepipe.settings import REPO_ROOT
@@ -93,11 +93,12 @@ def test_options_lists_version_extensions_and_limit(anon: httpx.Client) -> None:
     r = anon.options("/uploads", headers={"Origin": "http://localhost:5173"})
     assert r.status_code == 204
     assert r.headers["tus-version"] == "1.0.0" and r.headers["tus-resumable"] == "1.0.0"
-    assert set(r.headers["tus-extension"].split(",")) >= {"creation", "termination", "expiration"}
+    assert set(r.headers["tus-extension"].split(",")) == {"creation", "termination", "expiration", "checksum"}
+    assert r.headers["tus-checksum-algorithm"] == "sha256"
     assert int(r.headers["tus-max-size"]) > 0
     exposed = {h.strip().lower() for h in r.headers["access-control-expose-headers"].split(",")}
     assert {"upload-offset", "upload-length", "location", "tus-resumable", "tus-version", "tus-extension",
-            "tus-max-size", "upload-expires", "upload-session-id"} <= exposed
+            "tus-max-size", "tus-checksum-algorithm", "upload-expires", "upload-session-id"} <= exposed
     allowed = {h.strip().lower() for h in r.headers["access-control-allow-headers"].split(",")}
     assert {"tus-resumable", "upload-length", "upload-metadata", "upload-offset"} <= allowed
 
@@ -172,6 +173,31 @@ def test_protocol_errors_name_the_header_and_change_nothing(person: User,
     assert r.status_code == 400 and assert_error_body(r)["details"] == {"header": "Upload-Offset"}
     assert head_offset(person.client, url) == 0
     assert person.client.head("/uploads/not-a-uuid", headers=TUS).status_code == 404
+
+
+def test_checksummed_chunks_are_kept_only_when_the_sha256_matches(person: User,
+                                                                 su: psycopg.Connection[dict[str, Any]]) -> None:
+    def checksum(data: bytes) -> str:
+        return "sha256 " + base64.b64encode(hashlib.sha256(data).digest()).decode()
+
+    url = create(person, 20 * MiB)
+    first, second = os.urandom(3 * MiB), os.urandom(6 * MiB)
+    r = patch(person.client, url, 0, first, **{"Upload-Checksum": checksum(first)})
+    assert r.status_code == 204 and r.headers["upload-offset"] == str(3 * MiB)
+    r = patch(person.client, url, 3 * MiB, second, **{"Upload-Checksum": checksum(second[:-1] + b"x")})
+    assert r.status_code == 460 and assert_error_body(r)["details"] == {"header": "Upload-Checksum"}
+    row = upload_row(su, url)
+    assert row is not None and row["upload_offset"] == 3 * MiB and row["parts"] == []  # nothing kept
+    r = patch(person.client, url, 3 * MiB, second, **{"Upload-Checksum": checksum(second)})
+    assert r.status_code == 204 and r.headers["upload-offset"] == str(9 * MiB)
+    row = upload_row(su, url)
+    assert row is not None and [p["size"] for p in row["parts"]] == [8 * MiB] and row["tail_bytes"] == MiB
+    r = patch(person.client, url, 9 * MiB, b"x", **{"Upload-Checksum": "md5 " + base64.b64encode(b"0" * 16).decode()})
+    assert r.status_code == 400 and r.headers["tus-checksum-algorithm"] == "sha256"
+    r = patch(person.client, url, 9 * MiB, os.urandom(9 * MiB), **{"Upload-Checksum": checksum(b"")})
+    assert r.status_code == 413 and assert_error_body(r)["details"] == {"header": "Content-Length"}
+    assert head_offset(person.client, url) == 9 * MiB
+    assert person.client.delete(url, headers=TUS).status_code == 204
 
 
 def test_another_callers_head_patch_get_and_delete_are_404(person: User, make_user: Callable[..., User],
@@ -513,3 +539,21 @@ def test_cli_session_upload_resumes_after_ctrl_c(stack: Stack, stack_env: dict[s
     assert session_id == str(the_upload(su, user)["session_id"])  # type: ignore[index]
     check_session(user, session_id, big_bundle)
     assert not list((tmp_path / "cache" / "tracepipe" / "uploads").iterdir()), "the resume file stays behind"
+
+
+def test_the_orphan_sweep_leaves_live_tus_uploads_alone(stack_env: dict[str, str], person: User,
+                                                      su: psycopg.Connection[dict[str, Any]], bucket: Bucket,
+                                                      tmp_path: Path) -> None:
+    path = tmp_path / "b.zip"
+    write_large_bundle(str(path), screenshots=2, screenshot_bytes=4 * MiB)
+    data = path.read_bytes()
+    url = create(person, len(data))
+    row = upload_row(su, url)
+    assert row is not None
+    assert patch(person.client, url, 0, data[:6 * MiB]).status_code == 204
+    # No grace: every multipart upload and every object without a session row is "old".
+    run_cli(stack_env, "sweep", "--grace-seconds", "0")
+    assert bucket.open_uploads(f"sessions/{row['session_id']}/"), "the sweep aborted a live tus upload"
+    r = patch(person.client, url, 6 * MiB, data[6 * MiB:])
+    assert r.status_code == 204, r.text
+    assert person.client.get(f"/sessions/{row['session_id']}").json()["sha256"] == hashlib.sha256(data).hexdigest()

@@ -575,7 +575,9 @@ class Client:
         Idempotency-Key — a fresh uuid unless you pass one, e.g. to make a retry across
         process restarts safe — so the server answers a retry with the first upload's
         session instead of creating another. `progress(sent, total)` is called as bytes
-        leave; a retried attempt counts again from 0.
+        leave; a retried attempt counts again from 0. Files of `tus_threshold` bytes and
+        more go through `upload_session_resumable` instead (the upload's URL, not a key,
+        makes its retries safe).
         """
         if Path(path).stat().st_size >= self.tus_threshold:
             return self.upload_session_resumable(path, progress=progress)

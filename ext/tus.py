@@ -237,7 +237,8 @@ async def _locked(lock_pool: AsyncConnectionPool, caller: dict[str, Any], rid: s
     """The caller's upload (404 if RLS hides it), with its advisory lock held until the block
     ends (409 if another request holds it), and the connection that holds it."""
     key = lock_key(upload_id)
-    async with lock_pool.connection() as conn:
+    async with lock_pool.connection() as pooled:
+        conn: psycopg.AsyncConnection[Any] = pooled  # dict rows (make_lock_pool)
         async with conn.transaction():
             await become_caller(conn, caller, rid)
             row = _check_live(await _select(conn, upload_id, lock=True))

@@ -252,7 +252,7 @@ def upload(run: Run, fx: data.Fixtures) -> None:
     from boto3.s3.transfer import TransferConfig
 
     p = run.profile
-    run.phase(f"upload {p.file_mib} MiB bundle vs boto3 multipart put")
+    run.phase(f"upload {p.file_mib} MiB bundle vs boto3 multipart put, and through tus")
     bundle = run.work / "bundle.zip"
     size = data.make_bundle(bundle, p.file_mib)
     s3, bucket = s3_client(run), run.bs.s.bucket
@@ -261,6 +261,7 @@ def upload(run: Run, fx: data.Fixtures) -> None:
     part = 8 * MIB  # ext's part size (TP_EXT_UPLOAD_PART_BYTES)
     transfer = TransferConfig(multipart_threshold=part, multipart_chunksize=part)
     prod, direct, peaks = [], [], []
+    tus, tus_peaks = [], []
     for _ in range(p.transfer_rounds):
         token = data.login(run.proxy, fx.email)
         with PeakRss(ext_pid) as peak:
@@ -271,6 +272,15 @@ def upload(run: Run, fx: data.Fixtures) -> None:
         prod.append(size / seconds / 1e6)
         peaks.append(peak.peak)
         session_id = json.loads(body)["id"]
+        with PeakRss(ext_pid) as peak:  # the same bundle through tus, 5 MiB PATCHes (DESIGN.md §11)
+            status, tus_session, seconds = data.tus_file(f"{run.proxy}/uploads", bundle,
+                                                         {"Authorization": f"Bearer {token}"}, 5 * MIB)
+        if status != 204 or not tus_session:
+            raise BenchError(f"tus upload answered {status}")
+        tus.append(size / seconds / 1e6)
+        tus_peaks.append(peak.peak)
+        httpx.delete(f"{run.proxy}/sessions/{tus_session}", headers={"Authorization": f"Bearer {token}"},
+                     timeout=60).raise_for_status()
         key = f"bench/{uuid.uuid4()}/bundle.zip"
         started = time.perf_counter()
         s3.upload_file(str(bundle), bucket, key, Config=transfer)
@@ -279,9 +289,12 @@ def upload(run: Run, fx: data.Fixtures) -> None:
         httpx.delete(f"{run.proxy}/sessions/{session_id}", headers={"Authorization": f"Bearer {token}"},
                      timeout=60).raise_for_status()
     bundle.unlink()
-    run.meta["upload"] = {"bytes": size, "proxy_mbps": prod, "boto3_mbps": direct, "ext_peak_rss": peaks}
+    run.meta["upload"] = {"bytes": size, "proxy_mbps": prod, "boto3_mbps": direct, "ext_peak_rss": peaks,
+                          "tus_mbps": tus, "tus_ext_peak_rss": tus_peaks}
     name = f"upload a {p.file_mib} MiB bundle via proxy (POST /sessions, stored, validated, row written)"
     _transfer_figures(run, name, prod, "direct boto3 multipart put (8 MiB parts), same store", direct, 0.7, peaks)
+    name = f"upload a {p.file_mib} MiB bundle through tus (5 MiB PATCHes, then validated, row written)"
+    _transfer_figures(run, name, tus, "POST /sessions of the same bundle, same run", prod, 0.8, tus_peaks)
 
 
 def _transfer_figures(run: Run, name: str, prod: list[float], baseline: str, direct: list[float],

@@ -101,3 +101,13 @@ class ExtSettings(BaseSettings):
                 if getattr(self, name) == PLACEHOLDER:
                     raise ValueError(f"TP_EXT_{name.upper()} must be set outside development")
         return self
+
+    # Resumable uploads (tus 1.0.0, ext/tus.py)
+    tus_part_bytes: int = Field(8 * 1024 * 1024, description="S3 part size of tus uploads (one part in memory "
+                                                            "per PATCH)")
+    tus_min_part_bytes: int = Field(5 * 1024 * 1024, description="S3's minimum part size: a smaller tail of a "
+                                                                "PATCH waits in an incomplete-part object")
+    tus_expiry_s: int = Field(24 * 3600, description="an upload without a PATCH for this long expires; its parts "
+                                                    "are aborted")
+    tus_max_patches: int = Field(16, description="PATCHes one ext worker takes at once (each holds a database "
+                                                "connection of its own for its lock)")

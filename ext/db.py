@@ -80,16 +80,23 @@ async def as_caller(pool: AsyncConnectionPool, claims: dict[str, Any],
                     request_id: str | None = None) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
     """A transaction as the token's role with request.jwt.claims set; commits on success."""
     async with pool.connection() as conn, conn.transaction():
-        try:
-            await conn.execute(
-                "select set_config('role', %s, true), set_config('request.jwt.claims', %s, true),"
-                " set_config('application_name', %s, true)",
-                [claims["role"], json.dumps(claims), f"tracepipe-ext {request_id or ''}".strip()],
-            )
-        except psycopg.errors.InsufficientPrivilege:
-            raise unauthorized("the token's role is not one a token may carry") from None
-        await conn.execute("select auth.check_request()")
+        await become_caller(conn, claims, request_id)
         yield conn
+
+
+async def become_caller(conn: psycopg.AsyncConnection[Any], claims: dict[str, Any],
+                        request_id: str | None = None) -> None:
+    """Inside an open transaction: the token's role and claims, set locally, and the
+    pre-request hook. For connections held across transactions (tus PATCH, ext/tus.py)."""
+    try:
+        await conn.execute(
+            "select set_config('role', %s, true), set_config('request.jwt.claims', %s, true),"
+            " set_config('application_name', %s, true)",
+            [claims["role"], json.dumps(claims), f"tracepipe-ext {request_id or ''}".strip()],
+        )
+    except psycopg.errors.InsufficientPrivilege:
+        raise unauthorized("the token's role is not one a token may carry") from None
+    await conn.execute("select auth.check_request()")
 
 
 @asynccontextmanager

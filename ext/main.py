@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from ext import errors, maintenance, observability
+from ext import errors, maintenance, observability, tus
 from ext.config import ExtSettings
 from ext.db import make_identity_pool, make_pool
 from ext.routers import api_keys, auth, docs, examples, health, sessions
@@ -27,8 +27,10 @@ def create_app(settings: ExtSettings | None = None) -> FastAPI:
         app.state.store = ObjectStore(app.state.s3, s)
         app.state.pool = make_pool(s)
         app.state.identity_pool = make_identity_pool(s)
+        app.state.tus_pool = tus.make_lock_pool(s)
         await app.state.pool.open(wait=False)
         await app.state.identity_pool.open(wait=False)
+        await app.state.tus_pool.open(wait=False)
         housekeeping = asyncio.create_task(maintenance.run_forever(app.state))
         try:
             yield
@@ -36,6 +38,7 @@ def create_app(settings: ExtSettings | None = None) -> FastAPI:
             housekeeping.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await housekeeping
+            await app.state.tus_pool.close()
             await app.state.identity_pool.close()
             await app.state.pool.close()
 
@@ -51,6 +54,7 @@ def create_app(settings: ExtSettings | None = None) -> FastAPI:
     app.include_router(api_keys.router)
     app.include_router(sessions.router)
     app.include_router(examples.router)
+    app.include_router(tus.router)
     app.include_router(docs.router)
     return app
 

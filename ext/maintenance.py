@@ -61,7 +61,10 @@ async def sweep(pool: AsyncConnectionPool, store: ObjectStore, settings: ExtSett
 
     report: dict[str, int] = {"deletions_done": await drain_deletions(pool, store)}
     age = grace if grace is not None else timedelta(seconds=settings.orphan_grace_s)
-    report |= await store.sweep(("sessions/", "examples/"), age, known)
+    async with as_identity_service(pool) as conn:  # a tus upload may outlive the grace period
+        cur = await conn.execute("select auth.live_tus_multipart_ids() as id")
+        live = frozenset(r["id"] for r in await cur.fetchall())
+    report |= await store.sweep(("sessions/", "examples/"), age, known, live)
     async with as_identity_service(pool) as conn:
         cur = await conn.execute("select auth.expire_idempotency_keys(%s) as n",
                                  [timedelta(seconds=settings.idempotency_ttl_s)])
@@ -69,6 +72,32 @@ async def sweep(pool: AsyncConnectionPool, store: ObjectStore, settings: ExtSett
     report["idempotency_expired"] = int(row["n"]) if row else 0
     report["cleanups_retried"] = await store.retry_cleanups()
     return report
+
+
+async def expire_tus_uploads(pool: AsyncConnectionPool, store: ObjectStore, batch: int = 100) -> int:
+    """Aborts the parts and removes the objects of tus uploads past their expiry, then their
+    rows (a done upload's session stays). An upload a PATCH holds (its advisory lock) waits
+    for the next round; so does one whose objects the store would not remove yet."""
+    from ext import tus  # ext.tus imports the routers, which import this module
+
+    async with as_identity_service(pool) as conn:
+        cur = await conn.execute("select * from auth.expired_tus_uploads(%s)", [batch])
+        expired = await cur.fetchall()
+    done = 0
+    for row in expired:
+        upload_id = str(row["id"])
+        async with as_identity_service(pool) as conn:
+            cur = await conn.execute("select pg_try_advisory_xact_lock(%s) as locked", [tus.lock_key(upload_id)])
+            locked = await cur.fetchone()
+            if not (locked and locked["locked"]):
+                continue
+            if row["state"] == "done" or await tus.discard_objects(store, upload_id, str(row["session_id"]),
+                                                                   row["s3_upload_id"], row["state"]):
+                await conn.execute("select auth.forget_tus_upload(%s)", [upload_id])
+                done += 1
+    if done:
+        log.info("expired %d tus upload(s)", done)
+    return done
 
 
 async def run_forever(app_state: Any) -> None:
@@ -83,6 +112,7 @@ async def run_forever(app_state: Any) -> None:
             await app_state.store.retry_cleanups()
             await drain_deletions(app_state.pool, app_state.store)
             await stop_overrunning_analysts(app_state.pool)
+            await expire_tus_uploads(app_state.pool, app_state.store)
             if waited >= settings.sweep_interval_s:
                 waited = 0
                 async with app_state.pool.connection() as conn:

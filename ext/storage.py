@@ -195,14 +195,15 @@ class ObjectStore:
         return RangeReader(self.client, self.bucket, key, size)
 
     async def sweep(self, prefixes: tuple[str, ...], older_than: timedelta,
-                    known: Any) -> dict[str, int]:
+                    known: Any, keep_uploads: frozenset[str] = frozenset()) -> dict[str, int]:
         """Deletes objects under `prefixes` whose id `known(ids)` does not return, and aborts
-        multipart uploads, both when older than `older_than`."""
+        multipart uploads (except `keep_uploads`: live tus uploads), both when older than
+        `older_than`."""
         cutoff = datetime.now(UTC) - older_than
         removed = aborted = 0
         for prefix in prefixes:
             for upload in await self.multipart_uploads(prefix):
-                if upload["Initiated"] < cutoff:
+                if upload["Initiated"] < cutoff and upload["UploadId"] not in keep_uploads:
                     await self.abort(upload["Key"], upload["UploadId"])
                     aborted += 1
             candidates: dict[str, builtins.list[str]] = {}

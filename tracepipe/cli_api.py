@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, cast
 
-from tracepipe.client import Client, TracepipeError
+from tracepipe.client import TUS_THRESHOLD_BYTES, Client, TracepipeError
 from tracepipe.progress import ProgressLine, human_bytes
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
@@ -439,6 +439,7 @@ def cmd_session_upload(args: argparse.Namespace) -> int:
     uploaded: list[Any] = []
     failures = 0
     with connect(args) as tp:
+        tp.tus_threshold = args.tus_threshold
         for f in files:
             bar = progress_for(args, f.name)
             try:
@@ -720,7 +721,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
              parents=[transfer], func=cmd_session_upload, path="session upload",
              epilog="A bundle tags itself with a suite through suite_id in its manifest.json.\n"
                     "Each upload is retried on connection errors and 5xx with one Idempotency-Key,\n"
-                    "so a retry never creates a second session. Exit 1 when any file failed.")
+                    "so a retry never creates a second session. Bundles of --tus-threshold bytes and\n"
+                    "more go through tus (resumable): after Ctrl-C or a crash, the same command sends\n"
+                    "only what the server lacks (resume files: $XDG_CACHE_HOME/tracepipe/uploads).\n"
+                    "Exit 1 when any file failed.")
+    p.add_argument("--tus-threshold", type=int, default=TUS_THRESHOLD_BYTES, metavar="BYTES",
+                   help=f"upload files this large resumably through tus (default {TUS_THRESHOLD_BYTES})")
     p.add_argument("files", nargs="+", metavar="FILE", help="a bundle: manifest.json, events.jsonl, "
                    "network.har or network.jsonl, screenshots/")
     p = _add(sessions, "list", "your sessions and those of your suites, newest first", parents=[conn],

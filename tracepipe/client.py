@@ -23,6 +23,7 @@ fields. Only httpx is needed.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -62,6 +63,33 @@ OBJECT = "application/vnd.pgrst.object+json"
 CREATE_HEADERS = {"Prefer": "return=representation", "Accept": OBJECT}
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 MAX_RETRY_WAIT_S = 30.0  # a longer Retry-After (a throttled key: up to 15 minutes) is answered, not waited out
+TUS_THRESHOLD_BYTES = 64 * 1024 * 1024  # bundles this large go through tus (resumable, DESIGN.md §11)
+TUS_CHUNK_BYTES = 8 * 1024 * 1024  # bytes per tus PATCH: what a dropped connection costs at most
+TUS = {"Tus-Resumable": "1.0.0"}
+
+
+def default_resume_dir() -> Path:
+    """Where resume files of tus uploads live: $XDG_CACHE_HOME/tracepipe/uploads (~/.cache/…)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "tracepipe" / "uploads"
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(CHUNK_BYTES):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _file_range(path: Path, offset: int, size: int) -> Iterator[bytes]:
+    """`size` bytes of the file from `offset`, streamed in CHUNK_BYTES pieces."""
+    with path.open("rb") as f:
+        f.seek(offset)
+        left = size
+        while left > 0 and (chunk := f.read(min(CHUNK_BYTES, left))):
+            left -= len(chunk)
+            yield chunk
 
 
 # --- rows -------------------------------------------------------------------------------------
@@ -251,8 +279,13 @@ class Client:
     def __init__(self, base_url: str, *, api_key: str | None = None, token: str | None = None,
                  timeout: float = 60.0, retries: int = 4, backoff_s: float = 0.5,
                  refresh_margin_s: float = 60.0, clock: Callable[[], float] = time.monotonic,
-                 transport: httpx.BaseTransport | None = None, headers: Mapping[str, str] | None = None) -> None:
+                 transport: httpx.BaseTransport | None = None, headers: Mapping[str, str] | None = None,
+                 tus_threshold: int = TUS_THRESHOLD_BYTES, tus_chunk: int = TUS_CHUNK_BYTES,
+                 resume_dir: str | os.PathLike[str] | None = None) -> None:
         self.base_url = base_url.rstrip("/")
+        self.tus_threshold = tus_threshold
+        self.tus_chunk = tus_chunk
+        self.resume_dir = Path(resume_dir) if resume_dir else default_resume_dir()
         self.retries = retries
         self.backoff_s = backoff_s
         self.refresh_margin_s = refresh_margin_s
@@ -559,11 +592,104 @@ class Client:
         Idempotency-Key — a fresh uuid unless you pass one, e.g. to make a retry across
         process restarts safe — so the server answers a retry with the first upload's
         session instead of creating another. `progress(sent, total)` is called as bytes
-        leave; a retried attempt counts again from 0.
+        leave; a retried attempt counts again from 0. Files of `tus_threshold` bytes and
+        more go through `upload_session_resumable` instead (the upload's URL, not a key,
+        makes its retries safe).
         """
+        if Path(path).stat().st_size >= self.tus_threshold:
+            return self.upload_session_resumable(path, progress=progress)
         key = idempotency_key or str(uuid.uuid4())
         r = self._upload("/sessions", Path(path), "application/zip", {}, key, progress)
         return cast(Session, r.json())
+
+    def upload_session_resumable(self, path: str | os.PathLike[str], *,
+                                 progress: Progress | None = None) -> Session:
+        """Uploads a bundle through tus (POST /uploads, then PATCHes of `tus_chunk` bytes),
+        what `upload_session` does for files of `tus_threshold` bytes and more.
+
+        The upload's URL is kept in a small resume file in `resume_dir` (a user cache dir),
+        keyed by the file's sha256 and size: after a crash, Ctrl-C or a lost connection, the
+        next call for the same file asks the server for its offset (HEAD) and sends only the
+        rest. An upload the server has already committed answers with its session. The
+        session's sha256 is checked against the file's."""
+        source = Path(path)
+        total = source.stat().st_size
+        digest = _file_sha256(source)
+        resume = self.resume_dir / f"{digest}-{total}.json"
+        url, offset = self._tus_resume(resume)
+        if url is None:
+            url = self._tus_create(source.name, total)
+            self.resume_dir.mkdir(parents=True, exist_ok=True)
+            resume.write_text(json.dumps({"origin": self.base_url, "url": url, "file": str(source.resolve())}))
+            offset = 0
+        session_id = self._tus_send(url, source, offset, total, progress)
+        resume.unlink(missing_ok=True)
+        session = self.get_session(session_id)
+        if session["sha256"] != digest:
+            raise TracepipeError(0, "TPINTEGRITY", "the stored bundle's sha256 differs from the file's",
+                                 {"session_id": session_id, "stored": session["sha256"], "file": digest})
+        return session
+
+    def _tus_resume(self, resume: Path) -> tuple[str | None, int]:
+        """The URL and server offset of an upload a resume file remembers, or (None, 0)."""
+        try:
+            record = json.loads(resume.read_text())
+        except (OSError, ValueError):
+            return None, 0
+        if record.get("origin") != self.base_url:
+            return None, 0
+        r = self._send("HEAD", record["url"], headers=TUS, retry=True)
+        if r.status_code in (404, 410):  # expired, terminated or failed: start again
+            resume.unlink(missing_ok=True)
+            return None, 0
+        _raise_for(r)
+        return record["url"], int(r.headers["upload-offset"])
+
+    def _tus_create(self, filename: str, total: int) -> str:
+        name = base64.b64encode(filename.encode()).decode()
+        r = self._send("POST", "/uploads", headers={**TUS, "Upload-Length": str(total),
+                                                   "Upload-Metadata": f"filename {name}"}, retry=True)
+        _raise_for(r)
+        return str(r.headers["location"])
+
+    def _tus_send(self, url: str, source: Path, offset: int, total: int, progress: Progress | None) -> str:
+        """PATCHes from `offset` to the end; a failed PATCH (connection, 5xx, 409) is followed
+        by a HEAD for the server's offset and sent again from there. The session id."""
+        failures = 0
+        if progress:
+            progress(offset, total)
+        while True:
+            size = min(self.tus_chunk, total - offset)
+            headers = {**TUS, "Content-Type": "application/offset+octet-stream", "Upload-Offset": str(offset),
+                       "Content-Length": str(size)}
+            try:
+                r = self._http.patch(url, content=_file_range(source, offset, size),
+                                     headers=self._headers(headers))
+            except httpx.TransportError as e:
+                r = None
+                error: TracepipeError = _network_error(e, f"PATCH {url}")
+            if r is not None and r.status_code == 204:
+                failures = 0
+                offset = int(r.headers["upload-offset"])
+                if progress:
+                    progress(offset, total)
+                if offset >= total:
+                    return str(r.headers["upload-session-id"])
+                continue
+            if r is not None and r.status_code not in (*RETRY_STATUSES, 401, 409):
+                _raise_for(r)
+            if r is not None:
+                error = TracepipeError.from_response(r)
+                if r.status_code == 401 and (self._api_key or self._refresh_token):
+                    with self._lock:
+                        self._expires_at = float("-inf")
+            if failures >= self.retries:
+                raise error
+            self._sleep(failures, r.headers.get("retry-after") if r is not None else None)
+            failures += 1
+            head = self._send("HEAD", url, headers=TUS, retry=True)
+            _raise_for(head)
+            offset = int(head.headers["upload-offset"])
 
     def get_session(self, session_id: str) -> Session:
         return cast(Session, self._json("GET", f"/sessions/{session_id}"))

@@ -22,10 +22,12 @@ from psycopg.types.json import Jsonb
 from starlette.concurrency import run_in_threadpool
 
 from ext import bundles
+from ext.config import ExtSettings
 from ext.db import api_row, as_caller
 from ext.deps import CallerDep, PoolDep, RequestIdDep, SettingsDep, StoreDep
 from ext.errors import ApiError
 from ext.maintenance import drain_deletions
+from ext.storage import ObjectStore, StoredObject
 from ext.streaming import PrimedStreamingResponse, documented, stream_object
 from ext.uploads import (
     ConcurrentRetry,
@@ -61,6 +63,42 @@ def _parse_id(value: str) -> str:
         raise not_found() from None
 
 
+async def validate_stored(store: ObjectStore, settings: ExtSettings, stored: StoredObject) -> bundles.BundleSummary:
+    """Validates a stored bundle in place (ranged reads, off the event loop); ApiError (§5) on
+    the first problem. The first half of the commit step of POST /sessions and of tus uploads."""
+    reader = store.range_reader(stored.key, stored.size)
+    reader.MAX_FETCH = settings.bundle_read_bytes  # validation reads every member: keep its blocks small
+    return await run_in_threadpool(bundles.validate, reader, bundles.Limits.of(settings))
+
+
+async def insert_session(conn: psycopg.AsyncConnection[Any], session_id: str, stored: StoredObject,
+                         summary: bundles.BundleSummary, user_metadata: dict[str, Any],
+                         suite_id: str | None = None) -> dict[str, Any]:
+    """Writes the session row as the caller (RLS decides, e.g. the suite tag) and returns it as
+    PostgREST shows it. The second half of the commit step of POST /sessions and of tus uploads
+    (ext/tus.py), which calls it in the transaction that marks the upload done. `suite_id`
+    tags a session whose manifest names none; a manifest naming another suite is refused."""
+    manifest = summary.manifest
+    if suite_id and manifest.get("suite_id") and manifest["suite_id"] != suite_id:
+        raise ApiError(422, "TP422", "the manifest's suite_id differs from the upload's suite_id",
+                       {"field": "suite_id"}, "Name one suite, in the manifest or in the upload metadata.")
+    metadata = {**manifest.get("metadata", {}), **user_metadata, "client": manifest["client"],
+                "format_version": manifest["format_version"]}
+    try:
+        await conn.execute(
+            "insert into app.sessions (id, user_id, suite_id, size_bytes, sha256, started_at, ended_at,"
+            " event_count, network_count, screenshot_count, files, metadata)"
+            " values (%s, auth.uid(), %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            [session_id, manifest.get("suite_id") or suite_id, stored.size, stored.sha256, summary.started_at,
+             summary.ended_at, summary.event_count, summary.network_count, summary.screenshot_count,
+             Jsonb(summary.files), Jsonb(metadata)])
+    except psycopg.errors.InsufficientPrivilege:
+        raise ApiError(403, "42501", "you may not upload this session",
+                       "tagging a session with a suite needs membership of it, and the token must "
+                       "allow writes (and that suite, for a suite-scoped key)") from None
+    return await api_row(conn, "sessions", session_id)
+
+
 @router.post("/sessions", status_code=201, summary="Upload a trace bundle (zip); 201 with the session row",
              openapi_extra={"requestBody": {"content": {
                  "application/zip": {"schema": {"type": "string", "format": "binary"}},
@@ -90,27 +128,10 @@ async def upload_session(request: Request, caller: CallerDep, pool: PoolDep, set
         fields = await stream_body(request, kind, upload, "bundle", ("metadata",), settings.max_metadata_bytes)
         user_metadata = fields.json_object("metadata")
         stored = await upload.finish()
-        reader = store.range_reader(stored.key, stored.size)
-        reader.MAX_FETCH = settings.bundle_read_bytes  # validation reads every member: keep its blocks small
-        summary = await run_in_threadpool(bundles.validate, reader, bundles.Limits.of(settings))
-        manifest = summary.manifest
-        metadata = {**manifest.get("metadata", {}), **user_metadata, "client": manifest["client"],
-                    "format_version": manifest["format_version"]}
+        summary = await validate_stored(store, settings, stored)
         digest = request_digest(stored.sha256, user_metadata)
         async with as_caller(pool, caller, rid) as conn:
-            try:
-                await conn.execute(
-                    "insert into app.sessions (id, user_id, suite_id, size_bytes, sha256, started_at, ended_at,"
-                    " event_count, network_count, screenshot_count, files, metadata)"
-                    " values (%s, auth.uid(), %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                    [session_id, manifest.get("suite_id"), stored.size, stored.sha256, summary.started_at,
-                     summary.ended_at, summary.event_count, summary.network_count, summary.screenshot_count,
-                     Jsonb(summary.files), Jsonb(metadata)])
-            except psycopg.errors.InsufficientPrivilege:
-                raise ApiError(403, "42501", "you may not upload this session",
-                               "tagging a session with a suite needs membership of it, and the token must "
-                               "allow writes (and that suite, for a suite-scoped key)") from None
-            row = await api_row(conn, "sessions", session_id)
+            row = await insert_session(conn, session_id, stored, summary, user_metadata)
             await remember_result(conn, "sessions", key, digest, session_id, row)
     except ConcurrentRetry:
         await discard(upload)

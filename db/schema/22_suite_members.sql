@@ -68,7 +68,7 @@ revoke all on api.suite_members, app.suite_members from tp_user, tp_pipeline, tp
 grant select, delete on app.suite_members to tp_user, tp_admin;
 grant insert (suite_id, invitee, invitee_email, role, invited_by),
       update (role, accepted, user_id, accepted_at) on app.suite_members to tp_user, tp_admin;
-grant select, insert (suite_id, user_id, email, role), update (role, accepted), delete
+grant select, insert (id, suite_id, user_id, email, role, accepted), update (role, accepted), delete
     on api.suite_members to tp_user, tp_admin;
 grant select on app.suite_members, api.suite_members to tp_pipeline;
 
@@ -93,6 +93,9 @@ declare
     r app.suite_members;
 begin
     if tg_op = 'INSERT' then
+        if new.id is not null then
+            perform api_error.bad_request('id', 'id is assigned by the server', 'Leave id out of the body.');
+        end if;
         if new.user_id is null and nullif(btrim(new.email), '') is null then
             perform api_error.missing_field('user_id', 'Invite by {"user_id": …} or {"email": …}.');
         elsif new.user_id is not null and new.email is not null then

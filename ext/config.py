@@ -31,9 +31,10 @@ class ExtSettings(BaseSettings):
     refresh_token_ttl_s: int = 30 * 24 * 3600
     jwt_leeway_s: int = 5
 
-    login_max_failures: int = Field(10, description="failed logins per account per window before 429")
-    key_max_failures: int = Field(20, description="failed exchanges per API-key prefix per window before 429")
-    throttle_window_s: int = 900
+    login_max_failures: int = Field(10, description="free failed logins per account and source; then growing delays")
+    key_max_failures: int = Field(20, description="free failed exchanges per key prefix and source; then "
+                                                  "growing delays")
+    throttle_window_s: int = Field(3600, description="a throttle subject is forgotten this long after its last failure")
 
     password_min_length: int = 8
     password_max_length: int = 1024
@@ -65,6 +66,19 @@ class ExtSettings(BaseSettings):
                                    description="PostgREST's API server: its Swagger 2.0 at / goes into /openapi.json")
     openapi_cache_s: float = Field(30.0, description="how long ext reuses PostgREST's fetched API description")
     ready_timeout_s: float = 2.0
+
+    source_max_login_failures: int = Field(300, description="free failed logins per source (all accounts); then "
+                                                            "growing delays")
+    source_max_key_failures: int = Field(300, description="free failed key exchanges per source (all prefixes); then "
+                                                          "growing delays (a right key is never refused)")
+    throttle_base_delay_s: float = Field(1.0, description="first delay past the free failures; doubles per failure")
+    throttle_max_delay_s: float = Field(900.0, description="longest delay a throttled subject waits")
+    throttle_max_rows: int = Field(100_000, description="the sweep keeps at most this many throttle rows (newest)")
+    password_hash_concurrency: int = Field(2, ge=1, description="argon2 hashes at once per ext worker; beyond, "
+                                                                 "503 with Retry-After (no queueing)")
+    password_busy_retry_after_s: int = Field(1, ge=1, description="Retry-After of a 503 when hashing is busy")
+    refresh_grace_s: int = Field(30, ge=0, description="a rotated refresh token retried this soon gets the same "
+                                                       "new pair (a lost response), once its successor is unused")
 
     @model_validator(mode="after")
     def _no_placeholders_in_production(self) -> ExtSettings:

@@ -494,7 +494,9 @@ def test_auth_endpoints_are_rate_limited(base_url: str) -> None:
 
 def test_failures_are_throttled_per_key_prefix_and_per_account(base_url: str, make_user: Callable[..., User]) -> None:
     """Beyond the per-IP limit of the proxy: ext counts failures per key prefix and per
-    account (shared by all workers, in the database) and answers 429 with Retry-After."""
+    account, each for the failing source (shared by all workers, in the database), and
+    answers 429 with Retry-After; other prefixes and accounts are not affected.
+    tests/test_throttles.py: other sources, growing delays, the owner never locked out."""
     prefix = f"tp_{os.urandom(6).hex()}"
     statuses = []
     for _ in range(25):
@@ -512,7 +514,7 @@ def test_failures_are_throttled_per_key_prefix_and_per_account(base_url: str, ma
         wrong = httpx.post(f"{base_url}/auth/login", json={"email": person.email, "password": "wrong"})
         assert wrong.status_code == 401
         time.sleep(0.06)
-    blocked = httpx.post(f"{base_url}/auth/login", json={"email": person.email, "password": person.password})
+    blocked = httpx.post(f"{base_url}/auth/login", json={"email": person.email, "password": "wrong"})
     assert blocked.status_code == 429 and int(blocked.headers["retry-after"]) > 0
     someone = make_user()
     assert httpx.post(f"{base_url}/auth/login", json={"email": someone.email, "password": someone.password}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import os
 import re
 import secrets
@@ -140,8 +141,18 @@ def _throttled(wait: int, subject: str) -> None:
 def _source(request: Request) -> str:
     """The caller's address. uvicorn runs with --proxy-headers and trusts X-Forwarded-For only
     from the proxy's address (--forwarded-allow-ips); nginx sets it to $remote_addr,
-    replacing whatever the client sent (proxy/tracepipe/ext_proxy.conf)."""
-    return request.client.host if request.client else "unknown"
+    replacing whatever the client sent (proxy/tracepipe/ext_proxy.conf). An IPv6 caller is
+    its /64: one host commonly holds the whole prefix, and each address would get a budget."""
+    host = request.client.host if request.client else "unknown"
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host[:64]
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return str(address)
 
 
 def _login_subjects(email: str, source: str, settings: SettingsDep) -> tuple[list[str], list[int]]:

@@ -76,7 +76,9 @@ class ExtSettings(BaseSettings):
     throttle_max_rows: int = Field(100_000, description="the sweep keeps at most this many throttle rows (newest)")
     password_hash_concurrency: int = Field(2, ge=1, description="argon2 hashes at once per ext worker; beyond, "
                                                                  "503 with Retry-After (no queueing)")
-    password_busy_retry_after_s: int = Field(1, ge=1, description="Retry-After of a 503 when hashing is busy")
+    password_hash_per_source: int = Field(1, ge=1, description="argon2 hashes at once per ext worker for one "
+                                                               "source address; beyond, 429 with Retry-After")
+    password_busy_retry_after_s: int = Field(1, ge=1, description="Retry-After of a 503/429 when hashing is busy")
     refresh_grace_s: int = Field(30, ge=0, description="a rotated refresh token retried this soon gets the same "
                                                        "new pair (a lost response), once its successor is unused")
 

@@ -168,33 +168,93 @@ def test_the_throttle_table_is_swept_and_capped(base_url: str, stack_env: dict[s
 # --- password hashing cannot saturate the service -----------------------------------------------------
 
 
-def test_a_burst_of_logins_is_refused_at_once_while_health_answers(base_url: str, make_user: Callable[..., User]
-                                                                   ) -> None:
-    owner = make_user()
+@contextmanager
+def health_watch(base_url: str) -> Iterator[list[int]]:
+    """/health polled from another address for as long as the block runs."""
     health: list[int] = []
     done = threading.Event()
 
-    def poll_health() -> None:
+    def poll() -> None:
         with from_source(base_url) as watcher:
             while not done.is_set():
                 health.append(watcher.get("/health").status_code)
                 time.sleep(0.02)
 
-    watcher = threading.Thread(target=poll_health)
-    watcher.start()
+    thread = threading.Thread(target=poll)
+    thread.start()
     try:
-        with from_source(base_url) as client, ThreadPoolExecutor(max_workers=36) as pool:
-            responses = list(pool.map(lambda _: login(client, owner), range(36)))
+        yield health
     finally:
         done.set()
-        watcher.join()
+        thread.join()
+
+
+def assert_refused_at_once(r: httpx.Response, setting: str) -> None:
+    body = assert_error_body(r)
+    assert body["code"] == f"TP{r.status_code}" and body["details"] == setting, body
+    assert r.headers.get("retry-after", "").isdigit(), dict(r.headers)
+
+
+def test_a_burst_of_logins_is_refused_at_once_while_health_answers(base_url: str, make_user: Callable[..., User]
+                                                                   ) -> None:
+    """20 logins at once from 5 addresses: ext's 2 workers hash at most 2 each, the rest is
+    answered 503 (or 429: one address's second) with Retry-After instead of queueing."""
+    owner = make_user()
+    barrier = threading.Barrier(20)
+    sources = [fresh_source() for _ in range(5)]
+
+    def one(i: int) -> httpx.Response:
+        with from_source(base_url, sources[i % 5]) as client:
+            barrier.wait()
+            return login(client, owner)
+
+    with health_watch(base_url) as health, ThreadPoolExecutor(max_workers=20) as pool:
+        responses = list(pool.map(one, range(20)))
     statuses = [r.status_code for r in responses]
-    assert set(statuses) <= {200, 503}, statuses
-    assert 200 in statuses and 503 in statuses, statuses
-    for r in (r for r in responses if r.status_code == 503):
-        body = assert_error_body(r)
-        assert body["code"] == "TP503" and "password_hash_concurrency" in str(body["details"]), body
-        assert r.headers.get("retry-after", "").isdigit(), dict(r.headers)
+    assert set(statuses) <= {200, 429, 503} and 200 in statuses and 503 in statuses, statuses
+    for r in responses:
+        if r.status_code == 503:
+            assert_refused_at_once(r, "password_hash_concurrency")
+        elif r.status_code == 429:
+            assert_refused_at_once(r, "password_hash_per_source")
+    assert health and set(health) == {200}, health
+
+
+def test_one_address_cannot_take_every_hashing_slot(base_url: str, make_user: Callable[..., User]) -> None:
+    """An address logging in as fast as it can holds one slot per worker: sign-ins from
+    elsewhere still find one."""
+    owner, other = make_user(), make_user()
+    stop = threading.Event()
+    barrier = threading.Barrier(4)
+    flood: list[httpx.Response] = []
+
+    def hammer() -> None:
+        with from_source(base_url, source) as client:
+            barrier.wait()
+            while not stop.is_set():
+                flood.append(login(client, owner))
+                time.sleep(0.25)  # about 16 requests a second in all: under the proxy's per-IP rate
+
+    source = fresh_source()
+    threads = [threading.Thread(target=hammer) for _ in range(4)]
+    with health_watch(base_url) as health:
+        for t in threads:
+            t.start()
+        try:
+            time.sleep(0.5)
+            with from_source(base_url) as elsewhere:
+                for _ in range(3):
+                    r = login(elsewhere, other)
+                    assert r.status_code == 200, r.text
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+    statuses = [r.status_code for r in flood]
+    assert set(statuses) <= {200, 429} and 429 in statuses, statuses
+    for r in flood:
+        if r.status_code == 429:
+            assert_refused_at_once(r, "password_hash_per_source")
     assert health and set(health) == {200}, health
 
 

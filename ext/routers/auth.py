@@ -27,7 +27,7 @@ from pydantic import BaseModel, Field, field_validator
 from ext.db import as_caller, as_identity_service, as_identity_session
 from ext.deps import CallerDep, IdentityPoolDep, KeysDep, PoolDep, RequestIdDep, SettingsDep
 from ext.errors import ApiError, unauthorized
-from ext.passwords import hash_password, verify_password
+from ext.passwords import HashBound, hash_password, hashing_slot, verify_password
 
 router = APIRouter(tags=["auth"])
 
@@ -112,12 +112,12 @@ async def _start_login(pool: PoolDep, keys: KeysDep, settings: SettingsDep, user
 
 
 @router.post("/auth/signup", status_code=201, summary="Create an account and sign in")
-async def signup(body: SignupBody, pool: PoolDep, keys: KeysDep, settings: SettingsDep) -> dict[str, Any]:
+async def signup(body: SignupBody, request: Request, pool: PoolDep, keys: KeysDep,
+                 settings: SettingsDep) -> dict[str, Any]:
     if not settings.password_min_length <= len(body.password) <= settings.password_max_length:
         raise ApiError(422, "TP422", "invalid request: password: length out of range",
                        f"between {settings.password_min_length} and {settings.password_max_length} characters")
-    password_hash = await hash_password(body.password, settings.password_hash_concurrency,
-                                        settings.password_busy_retry_after_s)
+    password_hash = await hash_password(body.password, _hash_bound(request, settings))
     try:
         async with as_identity_service(pool) as conn:
             cur = await conn.execute("select auth.signup(%s, %s, %s) as id",
@@ -155,6 +155,11 @@ def _source(request: Request) -> str:
     return str(address)
 
 
+def _hash_bound(request: Request, settings: SettingsDep) -> HashBound:
+    return HashBound(settings.password_hash_concurrency, settings.password_hash_per_source,
+                     settings.password_busy_retry_after_s, _source(request))
+
+
 def _login_subjects(email: str, source: str, settings: SettingsDep) -> tuple[list[str], list[int]]:
     """Failures are counted per account AND source, and per source: failures from elsewhere
     never delay the owner's source, and one source spraying accounts is slowed down too."""
@@ -190,12 +195,12 @@ async def _record_failure(pool: PoolDep, subjects: list[str], settings: Settings
 @router.post("/auth/login", summary="Sign in with email and password")
 async def login(body: LoginBody, request: Request, pool: PoolDep, keys: KeysDep, settings: SettingsDep) -> TokenPair:
     subjects = _login_subjects(body.email, _source(request), settings)
-    async with as_identity_service(pool) as conn:
-        await _throttle(conn, subjects, settings)
-        cur = await conn.execute("select * from auth.login_lookup(%s)", [body.email])
-        account = await cur.fetchone()
-    ok = await verify_password(account["password_hash"] if account else None, body.password,
-                               settings.password_hash_concurrency, settings.password_busy_retry_after_s)
+    with hashing_slot(_hash_bound(request, settings)):
+        async with as_identity_service(pool) as conn:
+            await _throttle(conn, subjects, settings)
+            cur = await conn.execute("select * from auth.login_lookup(%s)", [body.email])
+            account = await cur.fetchone()
+        ok = await verify_password(account["password_hash"] if account else None, body.password)
     if not ok or account is None or account["disabled"]:
         await _record_failure(pool, subjects[0], settings)
         raise ApiError(401, "TP401", "wrong email or password", None, None,

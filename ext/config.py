@@ -31,9 +31,10 @@ class ExtSettings(BaseSettings):
     refresh_token_ttl_s: int = 30 * 24 * 3600
     jwt_leeway_s: int = 5
 
-    login_max_failures: int = Field(10, description="failed logins per account per window before 429")
-    key_max_failures: int = Field(20, description="failed exchanges per API-key prefix per window before 429")
-    throttle_window_s: int = 900
+    login_max_failures: int = Field(10, description="free failed logins per account and source; then growing delays")
+    key_max_failures: int = Field(20, description="free failed exchanges per key prefix and source; then "
+                                                  "growing delays")
+    throttle_window_s: int = Field(3600, description="a throttle subject is forgotten this long after its last failure")
 
     password_min_length: int = 8
     password_max_length: int = 1024
@@ -93,6 +94,20 @@ class ExtSettings(BaseSettings):
     verify_email_link: str = Field("", description="link template mailed with the code, e.g. "
                                                    "https://app.example/verify?token={token}; empty: code only")
     verify_resend_max: int = Field(5, description="verification mails a caller may ask for per throttle window")
+    source_max_login_failures: int = Field(300, description="free failed logins per source (all accounts); then "
+                                                            "growing delays")
+    source_max_key_failures: int = Field(300, description="free failed key exchanges per source (all prefixes); then "
+                                                          "growing delays (a right key is never refused)")
+    throttle_base_delay_s: float = Field(1.0, description="first delay past the free failures; doubles per failure")
+    throttle_max_delay_s: float = Field(900.0, description="longest delay a throttled subject waits")
+    throttle_max_rows: int = Field(100_000, description="the sweep keeps at most this many throttle rows (newest)")
+    password_hash_concurrency: int = Field(2, ge=1, description="argon2 hashes at once per ext worker; beyond, "
+                                                                 "503 with Retry-After (no queueing)")
+    password_hash_per_source: int = Field(1, ge=1, description="argon2 hashes at once per ext worker for one "
+                                                               "source address; beyond, 429 with Retry-After")
+    password_busy_retry_after_s: int = Field(1, ge=1, description="Retry-After of a 503/429 when hashing is busy")
+    refresh_grace_s: int = Field(30, ge=0, description="a rotated refresh token retried this soon gets the same "
+                                                       "new pair (a lost response), once its successor is unused")
 
     @model_validator(mode="after")
     def _no_placeholders_in_production(self) -> ExtSettings:

@@ -1,6 +1,7 @@
 """Housekeeping that keeps object storage and the database in step: drain the outbox of
 object deletions, abort stale multipart uploads, remove objects without a row (older than
-a grace period), retry failed cleanups, expire idempotency records. Runs periodically in
+a grace period), retry failed cleanups, expire idempotency records, bound the auth throttle
+table and forget refresh successors past their grace. Runs periodically in
 ext (one worker at a time, by advisory lock) and on demand (`tracepipe sweep`). Also holds
 analyst sessions to their role's timeouts (every round, every worker: it is idempotent)."""
 
@@ -71,6 +72,7 @@ async def sweep(pool: AsyncConnectionPool, store: ObjectStore, settings: ExtSett
         row = await cur.fetchone()
     report["idempotency_expired"] = int(row["n"]) if row else 0
     report["cleanups_retried"] = await store.retry_cleanups()
+    report |= await sweep_identity(pool, settings)
     return report
 
 
@@ -98,6 +100,21 @@ async def expire_tus_uploads(pool: AsyncConnectionPool, store: ObjectStore, batc
     if done:
         log.info("expired %d tus upload(s)", done)
     return done
+
+
+async def sweep_identity(pool: AsyncConnectionPool, settings: ExtSettings) -> dict[str, int]:
+    """Throttle rows past their window go and the table is capped at throttle_max_rows (the
+    newest kept); rotated refresh tokens forget their sealed successor after the grace."""
+    async with as_identity_service(pool) as conn:
+        cur = await conn.execute("select * from auth.throttle_sweep(%s, %s)",
+                                 [timedelta(seconds=settings.throttle_window_s), settings.throttle_max_rows])
+        throttle = await cur.fetchone()
+        cur = await conn.execute("select auth.forget_refresh_successors(%s) as n",
+                                 [timedelta(seconds=settings.refresh_grace_s)])
+        successors = await cur.fetchone()
+    return {"throttle_expired": int(throttle["expired"]) if throttle else 0,
+            "throttle_evicted": int(throttle["evicted"]) if throttle else 0,
+            "refresh_successors_forgotten": int(successors["n"]) if successors else 0}
 
 
 async def run_forever(app_state: Any) -> None:

@@ -91,6 +91,10 @@ def _file_range(path: Path, offset: int, size: int) -> Iterator[bytes]:
             left -= len(chunk)
             yield chunk
 
+# A refresh whose answer was lost is answered again (the same pair) only within ext's grace
+# (refresh_grace_s, 30 s by default): its retries stop before that, a later one would be a reuse.
+REFRESH_RETRY_WITHIN_S = 20.0
+
 
 # --- rows -------------------------------------------------------------------------------------
 # Timestamps stay RFC 3339 strings and ids uuid strings: what the API sends, lossless.
@@ -369,8 +373,10 @@ class Client:
 
     def _auth_call(self, path: str, *, json: Any = None, headers: Mapping[str, str] | None = None) -> dict[str, Any]:
         """Auth endpoints are safe to retry on 429/5xx/connection errors: a failed exchange
-        changes nothing (a refresh is only rotated when its answer is sent)."""
-        r = self._retrying(lambda: self._http.post(path, json=json, headers=dict(headers or {})), path)
+        changes nothing, and a refresh rotated server side whose answer was lost is answered
+        again with the same pair within ext's grace (so its retries end inside the grace)."""
+        within = REFRESH_RETRY_WITHIN_S if path == "/auth/refresh" else None
+        r = self._retrying(lambda: self._http.post(path, json=json, headers=dict(headers or {})), path, within)
         _raise_for(r)
         return dict(r.json())
 
@@ -402,32 +408,44 @@ class Client:
         except httpx.TransportError as e:
             raise _network_error(e, what) from e
 
-    def _retrying(self, call: Callable[[], httpx.Response], what: str) -> httpx.Response:
+    def _retrying(self, call: Callable[[], httpx.Response], what: str, within_s: float | None = None,
+                  ) -> httpx.Response:
         """Calls `call` until it answers below 500 (and not 429), at most 1 + retries times,
         backing off exponentially (or as Retry-After says). Connection errors count too. An
-        answer asking to wait longer than MAX_RETRY_WAIT_S is returned at once."""
+        answer asking to wait longer than MAX_RETRY_WAIT_S is returned at once; with
+        `within_s`, so is any whose next try would start later than that after the first."""
+        started = time.monotonic()
         for attempt in range(self.retries + 1):
-            last = attempt == self.retries
             try:
                 r = call()
             except httpx.TransportError as e:
-                if last:
+                delay = self._delay(attempt, None)
+                if attempt == self.retries or self._past(started, delay, within_s):
                     raise _network_error(e, what) from e
-                self._sleep(attempt, None)
+                time.sleep(delay)
                 continue
             retry_after = r.headers.get("retry-after")
             too_long = retry_after is not None and retry_after.isdigit() and float(retry_after) > MAX_RETRY_WAIT_S
-            if last or r.status_code not in RETRY_STATUSES or too_long:
+            delay = self._delay(attempt, retry_after)
+            if (attempt == self.retries or r.status_code not in RETRY_STATUSES or too_long
+                    or self._past(started, delay, within_s)):
                 return r
             r.close()
-            self._sleep(attempt, retry_after)
+            time.sleep(delay)
         raise AssertionError("unreachable")
 
-    def _sleep(self, attempt: int, retry_after: str | None) -> None:
+    @staticmethod
+    def _past(started: float, delay: float, within_s: float | None) -> bool:
+        return within_s is not None and time.monotonic() - started + delay > within_s
+
+    def _delay(self, attempt: int, retry_after: str | None) -> float:
         delay = self.backoff_s * (2 ** attempt)
         if retry_after and retry_after.isdigit():
             delay = max(delay, float(retry_after))
-        time.sleep(min(delay, MAX_RETRY_WAIT_S))
+        return min(delay, MAX_RETRY_WAIT_S)
+
+    def _sleep(self, attempt: int, retry_after: str | None) -> None:
+        time.sleep(self._delay(attempt, retry_after))
 
     def _json(self, method: str, path: str, *, params: Mapping[str, Any] | None = None, json: Any = None,
               headers: Mapping[str, str] | None = None) -> Any:

@@ -36,39 +36,71 @@ as $$
 $$;
 comment on function auth.start_login(uuid, bytea, interval) is 'Starts a login (a refresh-token family) and returns its id (the sid claim).';
 
--- Rotates a refresh token. A token that was already rotated is a reuse: the whole family
--- (the login) is revoked and 'reused' returned.
-create or replace function auth.rotate_refresh(old_hash bytea, new_hash bytea, ttl interval)
-    returns table (status text, user_id uuid, family_id uuid, account_role text)
+-- Rotates a refresh token. A token already rotated is a replay: within the grace, while
+-- its successor is unused and the login alive, it answers 'replay' with the sealed successor
+-- (a retried or concurrent refresh gets the same pair: the row lock serialises them);
+-- otherwise it is a reuse: the whole family (the login) is revoked and 'reused' returned.
+drop function if exists auth.rotate_refresh(bytea, bytea, interval);
+create or replace function auth.rotate_refresh(old_hash bytea, new_hash bytea, new_sealed bytea, ttl interval,
+                                               grace interval)
+    returns table (status text, user_id uuid, family_id uuid, account_role text, successor_sealed bytea)
     language plpgsql volatile security definer
     set search_path = ''
 as $$
 declare
     t app.refresh_tokens%rowtype;
+    s app.refresh_tokens%rowtype;
     u app.users%rowtype;
+    successor uuid;
 begin
     select * into t from app.refresh_tokens r where r.token_hash = old_hash for update;
     if not found then
-        return query select 'invalid', null::uuid, null::uuid, null::text;
-        return;
-    end if;
-    if t.rotated_at is not null then
-        update app.refresh_tokens r set revoked_at = coalesce(r.revoked_at, now()) where r.family_id = t.family_id;
-        return query select 'reused', t.user_id, t.family_id, null::text;
+        return query select 'invalid', null::uuid, null::uuid, null::text, null::bytea;
         return;
     end if;
     select * into u from app.users x where x.id = t.user_id;
-    if t.revoked_at is not null or t.expires_at <= now() or u.disabled_at is not null then
-        return query select 'invalid', t.user_id, t.family_id, null::text;
+    if t.rotated_at is not null then
+        if t.successor_sealed is not null and t.rotated_at + grace > now() and t.revoked_at is null
+           and u.disabled_at is null then
+            select * into s from app.refresh_tokens r where r.id = t.successor_id for update;
+            if found and s.rotated_at is null and s.revoked_at is null and s.expires_at > now() then
+                return query select 'replay', t.user_id, t.family_id, u.account_role::text, t.successor_sealed;
+                return;
+            end if;
+        end if;
+        update app.refresh_tokens r set revoked_at = coalesce(r.revoked_at, now()), successor_sealed = null
+        where r.family_id = t.family_id;
+        return query select 'reused', t.user_id, t.family_id, null::text, null::bytea;
         return;
     end if;
-    update app.refresh_tokens r set rotated_at = now() where r.id = t.id;
+    if t.revoked_at is not null or t.expires_at <= now() or u.disabled_at is not null then
+        return query select 'invalid', t.user_id, t.family_id, null::text, null::bytea;
+        return;
+    end if;
     insert into app.refresh_tokens (user_id, family_id, token_hash, expires_at)
-    values (t.user_id, t.family_id, new_hash, now() + ttl);
-    return query select 'ok', t.user_id, t.family_id, u.account_role::text;
+    values (t.user_id, t.family_id, new_hash, now() + ttl)
+    returning id into successor;
+    update app.refresh_tokens r set rotated_at = now(), successor_id = successor, successor_sealed = new_sealed
+    where r.id = t.id;
+    return query select 'ok', t.user_id, t.family_id, u.account_role::text, null::bytea;
 end
 $$;
-comment on function auth.rotate_refresh(bytea, bytea, interval) is 'Refresh-token rotation with reuse detection.';
+comment on function auth.rotate_refresh(bytea, bytea, bytea, interval, interval) is
+    'Refresh-token rotation with reuse detection and a grace for a retry of the rotated token.';
+
+create or replace function auth.forget_refresh_successors(grace interval) returns integer
+    language sql volatile security definer
+    set search_path = ''
+as $$
+    with forgotten as (
+        update app.refresh_tokens r set successor_sealed = null
+        where r.successor_sealed is not null and r.rotated_at + grace <= now()
+        returning 1
+    )
+    select count(*)::integer from forgotten
+$$;
+comment on function auth.forget_refresh_successors(interval) is
+    'The sweep: sealed successors past the grace are dropped (a replay then is a reuse).';
 
 create or replace function auth.end_login(user_id uuid, family_id uuid, token_hash bytea)
     returns integer
@@ -109,10 +141,12 @@ $$;
 comment on function auth.touch_key(uuid) is 'Records the use of a key (on token exchange).';
 
 revoke all on function auth.signup(text, text, text), auth.login_lookup(text),
-    auth.start_login(uuid, bytea, interval), auth.rotate_refresh(bytea, bytea, interval),
+    auth.start_login(uuid, bytea, interval), auth.rotate_refresh(bytea, bytea, bytea, interval, interval),
+    auth.forget_refresh_successors(interval),
     auth.end_login(uuid, uuid, bytea), auth.key_lookup(text), auth.touch_key(uuid) from public;
 grant execute on function auth.signup(text, text, text), auth.login_lookup(text),
-    auth.start_login(uuid, bytea, interval), auth.rotate_refresh(bytea, bytea, interval),
+    auth.start_login(uuid, bytea, interval), auth.rotate_refresh(bytea, bytea, bytea, interval, interval),
+    auth.forget_refresh_successors(interval),
     auth.end_login(uuid, uuid, bytea), auth.key_lookup(text), auth.touch_key(uuid) to tp_auth;
 
 -- Email verification: ext mails a one-time code; only its sha256 is stored.
@@ -176,41 +210,78 @@ comment on function auth.verify_email(bytea) is 'Spends a verification code (sin
 revoke all on function auth.start_email_verification(uuid, bytea, interval), auth.verify_email(bytea) from public;
 grant execute on function auth.start_email_verification(uuid, bytea, interval), auth.verify_email(bytea) to tp_auth;
 
--- Brute-force throttle. Seconds the subject must wait before trying again (0: go ahead).
-create or replace function auth.throttle_wait(subject text, max_failures integer, time_window interval)
+-- Brute-force throttle, per subject (login:<email>|<source>, key:<prefix>|<source>,
+-- src-login:<source>, src-key:<source>): each subject has some free failures, then every
+-- further failure doubles the delay from the last one (base_delay, up to max_delay). A
+-- subject is forgotten time_window after its last failure.
+drop function if exists auth.throttle_wait(text, integer, interval);
+drop function if exists auth.throttle_fail(text, interval);
+drop function if exists auth.throttle_clear(text);
+
+-- Seconds until every subject may try again (0: go ahead); free_failures pairs with subjects.
+create or replace function auth.throttle_wait(subjects text[], free_failures integer[], base_delay interval,
+                                              max_delay interval, time_window interval)
     returns integer
     language sql stable security definer
     set search_path = ''
 as $$
-    select coalesce((
-        select greatest(ceil(extract(epoch from (t.window_start + time_window - now())))::integer, 1)
-        from app.auth_throttle t
-        where t.subject = throttle_wait.subject and t.failures >= max_failures
-          and t.window_start + time_window > now()), 0)
+    select coalesce(max(greatest(ceil(extract(epoch from (
+               t.last_failure_at + least(max_delay, base_delay * power(2, least(t.failures - f.free, 30)))
+               - now())))::integer, 0)), 0)
+    from unnest(subjects, free_failures) f (subject, free)
+    join app.auth_throttle t on t.subject = f.subject
+    where t.failures >= f.free and t.last_failure_at + time_window > now()
 $$;
-comment on function auth.throttle_wait(text, integer, interval) is 'Seconds until the subject may try again.';
+comment on function auth.throttle_wait(text[], integer[], interval, interval, interval) is
+    'Seconds until the subjects may try again (the longest of their growing delays).';
 
--- Records a failure (a new window starts when the last one has passed).
-create or replace function auth.throttle_fail(subject text, time_window interval) returns void
+-- Counts a failure for each subject (after a forgotten one, counting starts again).
+create or replace function auth.throttle_fail(subjects text[], time_window interval) returns void
     language sql volatile security definer
     set search_path = ''
 as $$
-    insert into app.auth_throttle as t (subject, failures) values (subject, 1)
+    insert into app.auth_throttle as t (subject, failures, window_start, last_failure_at)
+    select s.subject, 1, now(), now() from (select distinct x as subject from unnest(subjects) x) s
+    order by s.subject
     on conflict (subject) do update
-        set failures = case when t.window_start + time_window > now() then t.failures + 1 else 1 end,
-            window_start = case when t.window_start + time_window > now() then t.window_start else now() end
+        set failures = case when t.last_failure_at + time_window > now() then t.failures + 1 else 1 end,
+            window_start = case when t.last_failure_at + time_window > now() then t.window_start else now() end,
+            last_failure_at = now()
 $$;
-comment on function auth.throttle_fail(text, interval) is 'Counts a failed sign-in for the subject.';
+comment on function auth.throttle_fail(text[], interval) is 'Counts a failed sign-in for each subject.';
 
-create or replace function auth.throttle_clear(subject text) returns void
+create or replace function auth.throttle_clear(subjects text[]) returns void
     language sql volatile security definer
     set search_path = ''
 as $$
-    delete from app.auth_throttle where auth_throttle.subject = throttle_clear.subject
+    delete from app.auth_throttle t where t.subject = any (throttle_clear.subjects)
 $$;
-comment on function auth.throttle_clear(text) is 'A successful sign-in forgets the failures.';
+comment on function auth.throttle_clear(text[]) is 'A successful sign-in forgets its failures (of that account and source).';
 
-revoke all on function auth.throttle_wait(text, integer, interval), auth.throttle_fail(text, interval),
-    auth.throttle_clear(text) from public;
-grant execute on function auth.throttle_wait(text, integer, interval), auth.throttle_fail(text, interval),
-    auth.throttle_clear(text) to tp_auth;
+-- The sweep: forgotten subjects go, then the oldest beyond max_rows (the table stays bounded
+-- whatever an attacker sends; an evicted subject starts counting again).
+create or replace function auth.throttle_sweep(time_window interval, max_rows integer)
+    returns table (expired integer, evicted integer)
+    language plpgsql volatile security definer
+    set search_path = ''
+as $$
+declare
+    n_expired integer;
+    n_evicted integer;
+begin
+    delete from app.auth_throttle t where t.last_failure_at + time_window <= now();
+    get diagnostics n_expired = row_count;
+    delete from app.auth_throttle t where t.subject in (
+        select x.subject from app.auth_throttle x order by x.last_failure_at desc offset greatest(max_rows, 0));
+    get diagnostics n_evicted = row_count;
+    return query select n_expired, n_evicted;
+end
+$$;
+comment on function auth.throttle_sweep(interval, integer) is 'Deletes forgotten throttle rows and caps the table.';
+
+revoke all on function auth.throttle_wait(text[], integer[], interval, interval, interval),
+    auth.throttle_fail(text[], interval), auth.throttle_clear(text[]), auth.throttle_sweep(interval, integer)
+    from public;
+grant execute on function auth.throttle_wait(text[], integer[], interval, interval, interval),
+    auth.throttle_fail(text[], interval), auth.throttle_clear(text[]), auth.throttle_sweep(interval, integer)
+    to tp_auth;

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import logging
+import os
 import re
 import secrets
 import time
@@ -16,7 +18,11 @@ from datetime import timedelta
 from typing import Annotated, Any
 
 import psycopg
-from fastapi import APIRouter, Header, Response
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from fastapi import APIRouter, Header, Request, Response
 from pydantic import BaseModel, Field, field_validator
 
 from ext import emails, mail
@@ -24,7 +30,7 @@ from ext.config import ExtSettings
 from ext.db import as_caller, as_identity_service, as_identity_session
 from ext.deps import CallerDep, IdentityPoolDep, KeysDep, PoolDep, RequestIdDep, SettingsDep
 from ext.errors import ApiError, unauthorized
-from ext.passwords import hash_password, verify_password
+from ext.passwords import HashBound, hash_password, hashing_slot, verify_password
 
 router = APIRouter(tags=["auth"])
 log = logging.getLogger("ext.auth")
@@ -142,11 +148,12 @@ async def _start_login(pool: PoolDep, keys: KeysDep, settings: SettingsDep, user
 
 
 @router.post("/auth/signup", status_code=201, summary="Create an account and sign in")
-async def signup(body: SignupBody, pool: PoolDep, keys: KeysDep, settings: SettingsDep) -> dict[str, Any]:
+async def signup(body: SignupBody, request: Request, pool: PoolDep, keys: KeysDep,
+                 settings: SettingsDep) -> dict[str, Any]:
     if not settings.password_min_length <= len(body.password) <= settings.password_max_length:
         raise ApiError(422, "TP422", "invalid request: password: length out of range",
                        f"between {settings.password_min_length} and {settings.password_max_length} characters")
-    password_hash = await hash_password(body.password)
+    password_hash = await hash_password(body.password, _hash_bound(request, settings))
     try:
         async with as_identity_service(pool) as conn:
             cur = await conn.execute("select auth.signup(%s, %s, %s) as id",
@@ -191,13 +198,13 @@ async def resend_verification(caller: CallerDep, pool: PoolDep, settings: Settin
         raise ApiError(403, "TP403", "a session token is required", None, "Sign in with POST /auth/login.")
     async with as_caller(pool, caller, rid):
         pass  # the token must still be valid (not revoked)
-    subject = f"verify:{caller['sub']}"
+    subjects = ([f"verify:{caller['sub']}"], [settings.verify_resend_max])
     async with as_identity_service(pool) as conn:
-        await _throttle(conn, subject, settings.verify_resend_max, settings)
+        await _throttle(conn, subjects, settings)
         address, code = await _start_verification(conn, settings, caller["sub"])
-        if address is not None:
+        if address is not None:  # each mail sent counts against the budget
             await conn.execute("select auth.throttle_fail(%s, %s)",
-                               [subject, timedelta(seconds=settings.throttle_window_s)])
+                               [subjects[0], timedelta(seconds=settings.throttle_window_s)])
     if address is None:
         raise ApiError(409, "TP409", "email already verified", None, None)
     _mail_verification(settings, address, code)
@@ -211,49 +218,121 @@ def _throttled(wait: int, subject: str) -> None:
                        "Retry after the number of seconds in Retry-After.", headers={"Retry-After": str(wait)})
 
 
-async def _throttle(conn: Any, subject: str, max_failures: int, settings: SettingsDep) -> None:
-    cur = await conn.execute("select auth.throttle_wait(%s, %s, %s) as wait",
-                             [subject, max_failures, timedelta(seconds=settings.throttle_window_s)])
+def _source(request: Request) -> str:
+    """The caller's address. uvicorn runs with --proxy-headers and trusts X-Forwarded-For only
+    from the proxy's address (--forwarded-allow-ips); nginx sets it to $remote_addr,
+    replacing whatever the client sent (proxy/tracepipe/ext_proxy.conf). An IPv6 caller is
+    its /64: one host commonly holds the whole prefix, and each address would get a budget."""
+    host = request.client.host if request.client else "unknown"
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host[:64]
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return str(address)
+
+
+def _hash_bound(request: Request, settings: SettingsDep) -> HashBound:
+    return HashBound(settings.password_hash_concurrency, settings.password_hash_per_source,
+                     settings.password_busy_retry_after_s, _source(request))
+
+
+def _login_subjects(email: str, source: str, settings: SettingsDep) -> tuple[list[str], list[int]]:
+    """Failures are counted per account AND source, and per source: failures from elsewhere
+    never delay the owner's source, and one source spraying accounts is slowed down too."""
+    return ([f"login:{email}|{source}", f"src-login:{source}"],  # email: its normal form (ext/emails.py)
+            [settings.login_max_failures, settings.source_max_login_failures])
+
+
+def _key_subjects(prefix: str, source: str, settings: SettingsDep) -> tuple[list[str], list[int]]:
+    return ([f"key:{prefix}|{source}", f"src-key:{source}"],
+            [settings.key_max_failures, settings.source_max_key_failures])
+
+
+def _throttle_args(subjects: tuple[list[str], list[int]], settings: SettingsDep) -> list[Any]:
+    return [subjects[0], subjects[1], timedelta(seconds=settings.throttle_base_delay_s),
+            timedelta(seconds=settings.throttle_max_delay_s), timedelta(seconds=settings.throttle_window_s)]
+
+
+THROTTLE_WAIT = "auth.throttle_wait(%s, %s, %s, %s, %s)"
+
+
+async def _throttle(conn: Any, subjects: tuple[list[str], list[int]], settings: SettingsDep) -> None:
+    cur = await conn.execute(f"select {THROTTLE_WAIT} as wait", _throttle_args(subjects, settings))
     row = await cur.fetchone()
-    _throttled(row["wait"] if row else 0, subject)
+    _throttled(row["wait"] if row else 0, subjects[0][0])
 
 
-async def _record_failure(pool: PoolDep, subject: str, settings: SettingsDep) -> None:
+async def _record_failure(pool: PoolDep, subjects: list[str], settings: SettingsDep) -> None:
     async with as_identity_service(pool) as conn:
         await conn.execute("select auth.throttle_fail(%s, %s)",
-                           [subject, timedelta(seconds=settings.throttle_window_s)])
+                           [subjects, timedelta(seconds=settings.throttle_window_s)])
 
 
 @router.post("/auth/login", summary="Sign in with email and password")
-async def login(body: LoginBody, pool: PoolDep, keys: KeysDep, settings: SettingsDep) -> TokenPair:
-    subject = f"login:{body.email}"  # the normal form: one budget per address, whatever its spelling
-    async with as_identity_service(pool) as conn:
-        await _throttle(conn, subject, settings.login_max_failures, settings)
-        cur = await conn.execute("select * from auth.login_lookup(%s)", [body.email])
-        account = await cur.fetchone()
-    ok = await verify_password(account["password_hash"] if account else None, body.password)
+async def login(body: LoginBody, request: Request, pool: PoolDep, keys: KeysDep, settings: SettingsDep) -> TokenPair:
+    subjects = _login_subjects(body.email, _source(request), settings)
+    with hashing_slot(_hash_bound(request, settings)):
+        async with as_identity_service(pool) as conn:
+            await _throttle(conn, subjects, settings)
+            cur = await conn.execute("select * from auth.login_lookup(%s)", [body.email])
+            account = await cur.fetchone()
+        ok = await verify_password(account["password_hash"] if account else None, body.password)
     if not ok or account is None or account["disabled"]:
-        await _record_failure(pool, subject, settings)
+        await _record_failure(pool, subjects[0], settings)
         raise ApiError(401, "TP401", "wrong email or password", None, None,
                        headers={"WWW-Authenticate": "Bearer"})
     async with as_identity_service(pool) as conn:
-        await conn.execute("select auth.throttle_clear(%s)", [subject])
+        # this account's failures from this source; the source's own count stays (one good
+        # password among a sprayed list must not reset it)
+        await conn.execute("select auth.throttle_clear(%s)", [subjects[0][:1]])
     return await _start_login(pool, keys, settings, account["id"], account["account_role"])
+
+
+def _grace_key(old_refresh: str) -> AESGCM:
+    """The key that seals a token's successor: derived from the old token's secret, which the
+    database never holds (it stores sha256 of it, a different derivation), so the sealed
+    successor is readable only by whoever presents the old token again."""
+    return AESGCM(HKDF(hashes.SHA256(), 32, None, b"tracepipe refresh successor").derive(old_refresh.encode()))
+
+
+def _seal_successor(old_refresh: str, new_refresh: str) -> bytes:
+    nonce = os.urandom(12)
+    return nonce + _grace_key(old_refresh).encrypt(nonce, new_refresh.encode(), _sha256(old_refresh))
+
+
+def _unseal_successor(old_refresh: str, sealed: bytes) -> str | None:
+    try:
+        return _grace_key(old_refresh).decrypt(sealed[:12], sealed[12:], _sha256(old_refresh)).decode()
+    except (InvalidTag, ValueError):
+        return None
 
 
 @router.post("/auth/refresh", summary="Trade a refresh token for a new pair (rotation)")
 async def refresh(body: RefreshBody, pool: PoolDep, keys: KeysDep, settings: SettingsDep) -> TokenPair:
+    """Rotation with reuse detection. A token rotated less than refresh_grace_s ago whose
+    successor is still unused answers that same successor (a retry after a lost response,
+    or two refreshes at once: the row lock orders them); any other reuse ends the login."""
     new_refresh = _new_refresh_token()
     async with as_identity_service(pool) as conn:
         cur = await conn.execute(
-            "select * from auth.rotate_refresh(%s, %s, %s)",
-            [_sha256(body.refresh_token), _sha256(new_refresh), timedelta(seconds=settings.refresh_token_ttl_s)],
+            "select * from auth.rotate_refresh(%s, %s, %s, %s, %s)",
+            [_sha256(body.refresh_token), _sha256(new_refresh), _seal_successor(body.refresh_token, new_refresh),
+             timedelta(seconds=settings.refresh_token_ttl_s), timedelta(seconds=settings.refresh_grace_s)],
         )
         row = await cur.fetchone()
     assert row is not None
-    if row["status"] == "reused":
+    if row["status"] == "replay":
+        successor = _unseal_successor(body.refresh_token, bytes(row["successor_sealed"]))
+        if successor is None:
+            raise unauthorized("refresh token invalid, expired or revoked")
+        new_refresh = successor
+    elif row["status"] == "reused":
         raise unauthorized("refresh token reused: the login has been ended, sign in again")
-    if row["status"] != "ok":
+    elif row["status"] != "ok":
         raise unauthorized("refresh token invalid, expired or revoked")
     token, ttl = keys.sign({"sub": str(row["user_id"]), "role": row["account_role"], "sid": str(row["family_id"])},
                            settings.access_token_ttl_s)
@@ -272,8 +351,8 @@ async def logout(caller: CallerDep, pool: PoolDep, rid: RequestIdDep, body: Logo
 
 
 @router.post("/auth/token", summary="Exchange an API key for a short-lived access token")
-async def token(pool: PoolDep, identity_pool: IdentityPoolDep, keys: KeysDep, settings: SettingsDep,
-                authorization: Annotated[str, Header()] = "") -> AccessToken:
+async def token(request: Request, pool: PoolDep, identity_pool: IdentityPoolDep, keys: KeysDep,
+                settings: SettingsDep, authorization: Annotated[str, Header()] = "") -> AccessToken:
     scheme, _, key = authorization.partition(" ")
     key = key.strip()
     match = KEY_FORMAT.match(key)
@@ -285,7 +364,9 @@ async def token(pool: PoolDep, identity_pool: IdentityPoolDep, keys: KeysDep, se
         raise ApiError(401, "TP401", "this is not an API key", "keys look like tp_<12 hex>_<48 hex>",
                        "Copy the whole key POST /api-keys showed once; a lost key cannot be shown again: create "
                        "a new one.", headers={"WWW-Authenticate": "ApiKey"})
-    subject = f"key:{match.group(1)}"
+    # The secret has 192 bits: failures on a prefix cannot lead to it, so they only slow down
+    # the failing source (per prefix and overall), and a right secret is never refused.
+    subjects = _key_subjects(match.group(1), _source(request), settings)
     # One statement, one round trip: the throttle and the lookup on a connection that is
     # tp_auth in autocommit (ext/db.py make_identity_pool; the pool pings only idle
     # connections). Each round trip through the async driver costs about as much as the
@@ -294,15 +375,15 @@ async def token(pool: PoolDep, identity_pool: IdentityPoolDep, keys: KeysDep, se
     # would hold the key row's lock through a WAL flush.
     async with as_identity_session(identity_pool) as conn:
         cur = await conn.execute(
-            "select auth.throttle_wait(%s, %s, %s) as wait, k.* from (select) one"
-            " left join auth.key_lookup(%s) k on true",
-            [subject, settings.key_max_failures, timedelta(seconds=settings.throttle_window_s), match.group(1)])
+            f"select {THROTTLE_WAIT} as wait, k.* from (select) one left join auth.key_lookup(%s) k on true",
+            [*_throttle_args(subjects, settings), match.group(1)])
         row = await cur.fetchone()
         assert row is not None
-        _throttled(row["wait"], subject)
         record = row if row["id"] is not None else None
         stored = bytes(record["key_hash"]) if record else _DUMMY_KEY_HASH
         valid = hmac.compare_digest(stored, _sha256(key))
+        if not valid or record is None:
+            _throttled(row["wait"], subjects[0][0])
         if valid and record is not None:
             revoked = record["revoked_at"] is not None or record["disabled"]
             expires = record["expires_at"]
@@ -311,7 +392,7 @@ async def token(pool: PoolDep, identity_pool: IdentityPoolDep, keys: KeysDep, se
                 await conn.execute("select auth.touch_key(%s), set_config('synchronous_commit', 'off', true)",
                                    [record["id"]])
     if not valid or record is None:
-        await _record_failure(pool, subject, settings)
+        await _record_failure(pool, subjects[0], settings)
         raise ApiError(401, "TP401", "invalid API key", None, None, headers={"WWW-Authenticate": "ApiKey"})
     if revoked:
         raise ApiError(401, "TP401", "API key revoked", None, None, headers={"WWW-Authenticate": "ApiKey"})

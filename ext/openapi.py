@@ -712,10 +712,10 @@ def postgrest_paths(swagger: Doc, catalog: Catalog | None) -> tuple[Doc, Doc, di
         name = target.strip("/")
         if target in native and name in tables:
             paths[path] = _one(tables[name], _writable(native[target], name, schemas), [name], fixed)
-    for path, (target, methods) in SEED_ALIASES.items():
+    for path, (target, alias_methods) in SEED_ALIASES.items():
         if target in native:
             paths[path] = {m: _rpc_operation(op, swagger.get("parameters", {}))
-                           for m, op in native[target].items() if m in methods}
+                           for m, op in native[target].items() if m in alias_methods}
             for op in paths[path].values():
                 op["tags"] = ["users"]
     schemas["Me"] = ME_SCHEMA

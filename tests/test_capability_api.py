@@ -43,11 +43,11 @@ def test_jwks_publishes_es256_public_keys_only(anon: httpx.Client) -> None:
     assert all("d" not in k for k in keys), "private key material must never be published"
 
 
-def test_openapi_is_served_at_the_root(anon: httpx.Client) -> None:
-    r = anon.get("/")
+def test_openapi_is_served_at_openapi_json(anon: httpx.Client) -> None:
+    r = anon.get("/openapi.json")  # GET / is an index pointing here (test_docs_page.py)
     assert r.status_code == 200
     paths = r.json()["paths"]
-    assert {"/suites", "/actions", "/mcp_servers", "/tools", "/action_tool_maps"} <= set(paths)
+    assert {"/suites", "/actions", "/mcp-servers", "/tools", "/action-tool-maps"} <= set(paths)
 
 
 def test_users_me_shows_profile_and_memberships(owner: User, suite: dict[str, Any], anon: httpx.Client) -> None:

@@ -6,7 +6,6 @@ host but the stack unreachable."""
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import struct
@@ -32,8 +31,9 @@ SEED_PATHS = {
 EXT_PATHS = {"/auth/token", "/auth/login", "/auth/signup", "/auth/refresh", "/auth/logout", "/sessions",
              "/sessions/{session_id}/bundle", "/examples/{example_id}/messages", "/examples/export",
              "/.well-known/jwks.json", "/health", "/ready"}
-NATIVE_PATHS = {"/suites", "/actions", "/suite_members", "/mcp_servers", "/tools", "/action_tool_maps", "/sessions",
-                "/examples"}
+NATIVE_PATHS = {"/suites", "/actions", "/suite_members", "/tools", "/sessions", "/examples"}
+# PostgREST's snake paths that a kebab seed path replaces in the document (one path per resource)
+ALIASED_PATHS = {"/api_keys", "/mcp_servers", "/action_tool_maps"}
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +52,7 @@ def test_openapi_json_is_one_valid_openapi3_document(doc: dict[str, Any]) -> Non
     paths = set(doc["paths"])
     missing = (EXT_PATHS | NATIVE_PATHS | SEED_PATHS) - paths
     assert not missing, missing
+    assert not ALIASED_PATHS & paths
 
 
 def test_auth_schemes_are_documented(doc: dict[str, Any]) -> None:
@@ -78,22 +79,22 @@ def test_each_method_is_documented_by_the_component_the_proxy_sends_it_to(doc: d
     assert "application/zip" in upload["requestBody"]["content"]
     assert upload["responses"]["201"]["content"]["application/json"]["schema"] == {
         "$ref": "#/components/schemas/sessions"}
-    assert "rowFilter.sessions.suite_id" in json.dumps(paths["/sessions"]["get"])
+    assert "suite_id" in [p["name"] for p in paths["/sessions"]["get"]["parameters"]]
     # DELETE /sessions/{id} is ext's (it also removes the objects); GET is PostgREST's one row.
     assert paths["/sessions/{session_id}"]["delete"]["operationId"].startswith("delete_session")
-    assert "operationId" not in paths["/sessions/{session_id}"]["get"]
+    assert paths["/sessions/{session_id}"]["get"]["operationId"] == "get_session"
     # A seed path carries its parent in the path, not as a row filter, and answers one object.
     nested = paths["/suites/{suite_id}/actions/{action_id}"]
     names = [p.get("name") for p in nested["get"]["parameters"]]
     assert names[:2] == ["suite_id", "action_id"]
-    assert "rowFilter.actions.suite_id" not in json.dumps(nested)
+    assert [p["name"] for p in nested["get"]["parameters"] if p["in"] != "path"] == []
     assert nested["get"]["responses"]["200"]["content"]["application/vnd.pgrst.object+json"]["schema"] == {
         "$ref": "#/components/schemas/actions"}
     assert "404" in nested["get"]["responses"]
     listing = paths["/suites/{suite_id}/actions"]
     assert {"get", "post"} <= set(listing)
-    assert "rowFilter.actions.suite_id" not in json.dumps(listing)
-    assert "rowFilter.actions.name" in json.dumps(listing["get"])
+    filters = [p["name"] for p in listing["get"]["parameters"] if p["in"] == "query"]
+    assert "suite_id" not in filters and "name" in filters
     # Columns come from PostgREST's live schema, comments included.
     suites = doc["components"]["schemas"]["suites"]
     assert {"id", "name", "slug", "description", "created_by"} <= set(suites["properties"])
@@ -111,6 +112,32 @@ def test_every_documented_fixed_path_is_routed(doc: dict[str, Any], anon: httpx.
             continue
         r = anon.get(path)
         assert r.status_code not in (404, 405), (path, r.status_code, r.text[:200])
+
+
+def test_root_sends_people_to_the_docs_and_tools_to_an_index(anon: httpx.Client) -> None:
+    """GET / (the URL `make up` prints) was 50 KB of PostgREST's Swagger 2.0."""
+    browser = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"
+    r = anon.get("/", headers={"Accept": browser})
+    assert r.status_code in (302, 303) and r.headers["location"] == "/docs", (r.status_code, r.headers)
+    r = anon.get("/", headers={"Accept": "application/json"})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("application/json")
+    index = r.json()
+    assert index["links"]["docs"] == "/docs" and index["links"]["openapi"] == "/openapi.json"
+    assert index["links"]["jwks"] == "/.well-known/jwks.json"
+    assert len(r.content) < 2000
+    for link in index["links"].values():
+        assert anon.get(link).status_code == 200, link
+    assert anon.get("/").json() == index  # curl's */*: the index too
+    assert anon.head("/", headers={"Accept": "application/json"}).status_code == 200
+    # a tool that asks the root for OpenAPI (as PostgREST's clients do) gets the whole document
+    r = anon.get("/", headers={"Accept": "application/openapi+json"})
+    assert r.status_code == 200 and r.json()["openapi"].startswith("3.") and "/suites" in r.json()["paths"]
+
+
+def test_cors_exposes_the_headers_clients_read(anon: httpx.Client) -> None:
+    r = anon.get("/health", headers={"Origin": "http://localhost:3000"})
+    exposed = {h.strip().lower() for h in r.headers.get("access-control-expose-headers", "").split(",")}
+    assert {"x-next-cursor", "content-range", "etag", "upload-offset", "location"} <= exposed, exposed
 
 
 def test_fallback_without_postgrest_is_still_valid() -> None:
@@ -213,7 +240,7 @@ def test_docs_page_renders_the_endpoint_list_in_chromium(base_url: str, tmp_path
     assert {"/suites", "/auth/token", "/sessions", "/suites/{suite_id}/actions/{action_id}",
             "/examples/{example_id}/messages"} <= paths
     assert ("post", "operations-auth-token_auth_token_post") in blocks
-    assert ("get", "operations-suites-get_suites") in blocks
+    assert ("get", "operations-suites-list_suites") in blocks
     assert "Tracepipe API" in dom and "Authorize" in dom  # the info block and the security schemes
 
     shot = tmp_path / "docs.png"

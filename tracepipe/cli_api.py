@@ -12,11 +12,16 @@ Exit codes (also in `tracepipe --help`): 0 ok; 1 the operation failed (the serve
 and message are printed); 2 wrong usage; 3 the server cannot be reached or authentication
 failed. Errors are one line on stderr; results go to stdout (tables, or the API's JSON
 with `--json`); progress of transfers goes to stderr.
+
+Everything printed may carry other people's text (a suite's name, a server's message): control
+characters in it (ESC, C1, bidi overrides) are written as escapes (`\x1b`, `\u202e`), so
+nobody's string rewrites the reader's terminal. This module's `print` does it for every line.
 """
 
 from __future__ import annotations
 
 import argparse
+import builtins
 import functools
 import getpass
 import json
@@ -159,8 +164,28 @@ def connect(args: argparse.Namespace, *, login: bool = False) -> Client:
 
 # --- output -----------------------------------------------------------------------------------------
 
+# C0 but newline, DEL, C1, and the bidirectional controls that reorder what a line shows.
+_CONTROL = "\x00-\x09\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069"
+_UNSAFE = re.compile(f"[{_CONTROL}]")
+_UNSAFE_IN_CELL = re.compile(f"[{_CONTROL}\n]")  # a value must not start a line of its own either
+_UNSAFE_IN_JSON = re.compile("[\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069\u2028\u2029]")
+
+
+def printable(text: str, *, cell: bool = False) -> str:
+    """`text` with its control characters written as Python escapes (`\x1b`, `\u202e`);
+    `cell`: newlines too (a table cell, a field's value)."""
+    return (_UNSAFE_IN_CELL if cell else _UNSAFE).sub(lambda m: ascii(m.group())[1:-1], text)
+
+
+def print(*values: object, sep: str = " ", end: str = "\n", file: Any = None, flush: bool = False) -> None:
+    """builtins.print with `printable` applied to every value: the one way this module writes."""
+    builtins.print(*(printable(str(v)) for v in values), sep=sep, end=end, file=file, flush=flush)
+
+
 def print_json(value: Any) -> None:
-    print(json.dumps(value, indent=2, ensure_ascii=False))
+    """--json: JSON escapes C0 itself; C1 and the bidi controls get \\uXXXX too (still the same JSON)."""
+    text = json.dumps(value, indent=2, ensure_ascii=False)
+    builtins.print(_UNSAFE_IN_JSON.sub(lambda m: f"\\u{ord(m.group()):04x}", text))
 
 
 def emit(args: argparse.Namespace, value: Any, for_people: Callable[[], None]) -> int:
@@ -177,7 +202,8 @@ def print_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, 
     if not rows:
         print(empty, file=sys.stderr)
         return
-    cells = [[("-" if (v := get(row)) is None or v == "" else str(v)) for _, get in columns] for row in rows]
+    cells = [[("-" if (v := get(row)) is None or v == "" else printable(str(v), cell=True)) for _, get in columns]
+             for row in rows]
     widths = [max(len(title), *(len(c[i]) for c in cells)) for i, (title, _) in enumerate(columns)]
     print("  ".join(title.ljust(w) for (title, _), w in zip(columns, widths, strict=True)).rstrip())
     for c in cells:
@@ -190,7 +216,7 @@ def print_fields(row: Mapping[str, Any], keys: Iterable[str]) -> None:
     for k in keys:
         value = row.get(k)
         text = json.dumps(value) if isinstance(value, (dict, list)) else ("-" if value is None else str(value))
-        print(f"{k.ljust(width)}  {text}")
+        print(f"{k.ljust(width)}  {printable(text, cell=True)}")
 
 
 def col(key: str) -> Callable[[Mapping[str, Any]], Any]:
@@ -733,7 +759,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
              func=cmd_session_list, path="session list")
     p.add_argument("--suite", help="only sessions tagged with this suite (id or slug)")
     p.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
-    p = _add(sessions, "download", "download a session's bundle, byte-identical (resumed and sha256-checked)",
+    p = _add(sessions, "download", "download a session's bundle, byte-identical and sha256-checked; "
+             "run again after an interruption, it resumes from FILE.part",
              parents=[transfer], func=cmd_session_download, path="session download")
     p.add_argument("id", help="the session's id")
     p.add_argument("-o", "--output", metavar="FILE", help="where to write it (default ID.zip; a directory works)")

@@ -723,23 +723,40 @@ class Client:
                          progress: Progress | None = None) -> Path:
         """Streams the stored bundle to `dest`, byte-identical.
 
-        A dropped connection resumes where it stopped (Range, pinned to the first answer's
-        ETag, the bundle's sha256), and the whole file is checked against that sha256
-        before it is moved into place: `dest` never holds a partial or corrupt bundle.
+        The bytes go to `dest.part`, and the bundle's ETag (its sha256) to `dest.part.etag`
+        as soon as the first answer names it. A dropped connection resumes where it stopped,
+        and so does the next call after an interrupted one (Ctrl-C, a crash): it asks for the
+        rest with `Range` and `If-Range: <that ETag>`, so a bundle that changed meanwhile is
+        sent whole (200) and the part is started over. The whole file is checked against the
+        sha256 before it is moved into place: `dest` never holds a partial or corrupt bundle.
+        A part that fails the check, or a refusal (404, 403), removes the part.
         """
         target = Path(dest)
         part = target.with_name(target.name + ".part")
+        etag_file = target.with_name(target.name + ".part.etag")
         digest = hashlib.sha256()
         written = 0
         etag: str | None = None
+        if part.exists() and etag_file.exists():  # an earlier call was interrupted: go on from its part
+            etag = etag_file.read_text().strip() or None
+            with open(part, "rb") as f:
+                while chunk := f.read(CHUNK_BYTES):
+                    digest.update(chunk)
+                    written += len(chunk)
         total = -1
+        keep = True  # an interruption keeps the part for the next call
         try:
-            with open(part, "wb") as out:
+            with open(part, "ab" if etag and written else "wb") as out:
+                if not (etag and written):
+                    digest, written = hashlib.sha256(), 0
                 for attempt in range(self.retries + 1):
                     headers = {"Range": f"bytes={written}-", "If-Range": etag} if etag and written else {}
                     try:
                         with self._stream("GET", f"/sessions/{session_id}/bundle",
                                           headers={"Accept-Encoding": "identity", **headers}) as r:
+                            if r.status_code == 416 and written:  # the part holds every byte already
+                                total = written
+                                break
                             if r.status_code == 200 and written:  # the object changed or Range was ignored
                                 out.seek(0)
                                 out.truncate()
@@ -747,10 +764,17 @@ class Client:
                             if r.status_code in RETRY_STATUSES and attempt < self.retries:
                                 self._sleep(attempt, r.headers.get("retry-after"))
                                 continue
-                            _raise_for(r)
-                            etag = etag or r.headers.get("etag")
-                            if total < 0:
-                                total = int(r.headers.get("content-length", -1))
+                            try:
+                                _raise_for(r)
+                            except TracepipeError:
+                                keep = False
+                                raise
+                            if r.status_code == 200 or etag is None:
+                                etag = r.headers.get("etag")
+                                etag_file.write_text(etag or "")
+                            length = int(r.headers.get("content-length", -1))
+                            if total < 0 and length >= 0:
+                                total = written + length
                             if progress:
                                 progress(written, total)
                             for chunk in r.iter_bytes(CHUNK_BYTES):
@@ -766,11 +790,15 @@ class Client:
                         self._sleep(attempt, None)
             expected = (etag or "").strip('"')
             if expected and len(expected) == 64 and digest.hexdigest() != expected:
+                keep = False
                 raise TracepipeError(0, "TPCHECKSUM", "downloaded bundle does not match its sha256",
                                      {"expected": expected, "got": digest.hexdigest()}, "Download it again.")
             part.replace(target)
+            keep = False
         finally:
-            part.unlink(missing_ok=True)
+            if not keep:
+                part.unlink(missing_ok=True)
+                etag_file.unlink(missing_ok=True)
         return target
 
     # -- examples

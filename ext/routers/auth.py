@@ -339,10 +339,18 @@ async def refresh(body: RefreshBody, pool: PoolDep, keys: KeysDep, settings: Set
     return TokenPair(access_token=token, expires_in=ttl, refresh_token=new_refresh)
 
 
-@router.post("/auth/logout", status_code=204, summary="End the login of this token (and of a refresh token)")
+@router.post("/auth/logout", status_code=204, summary="End the login of this token (and of a refresh token)",
+             description="For a storefront session's token (from /auth/login, /auth/signup, /auth/refresh). "
+                         "A token from POST /auth/token (an API key's) is refused with 400: revoke the key "
+                         "with DELETE /api-keys/{id}, which ends its tokens.")
 async def logout(caller: CallerDep, pool: PoolDep, rid: RequestIdDep, body: LogoutBody | None = None) -> Response:
     async with as_caller(pool, caller, rid):
         pass  # the token must still be valid (not revoked) to log out
+    if caller.get("key_id"):  # a key's token has no login to end: a 204 would leave it working
+        raise ApiError(400, "TP400", "logout ends a storefront session; this token is an API key's",
+                       {"key_id": caller["key_id"]},
+                       "Revoke the key with DELETE /api-keys/{id} (its tokens stop working); "
+                       "log out with a token from POST /auth/login.")
     sid = caller.get("sid")
     token_hash = _sha256(body.refresh_token) if body and body.refresh_token else b""
     async with as_identity_service(pool) as conn:

@@ -6,10 +6,14 @@ swagger-ui-dist 5.x) and are served from here, never from a CDN: the page works 
 machine without internet access and loads no third-party code. (`swagger-ui-bundle` on
 PyPI ships Swagger UI 4.15, which cannot render OpenAPI 3.1, what FastAPI emits.)
 
-PostgREST's Swagger is fetched from its API server and reused for `openapi_cache_s`: a
-schema reload (`make migrate`) shows up within that time, and a page load costs no
-PostgREST request. When PostgREST does not answer, the last good document is served, or
-ext's part alone with a note saying so.
+PostgREST's Swagger is fetched from its API server, the columns' nullability, defaults,
+privileges and checks from the database's catalog (openapi.CATALOG_SQL), and the result is
+reused for `openapi_cache_s`: a schema reload (`make migrate`) shows up within that time, and
+a page load costs no PostgREST request. When PostgREST does not answer, the last good
+document is served, or ext's part alone with a note saying so.
+
+GET / is the origin's front door: a person (a browser's Accept: text/html) is sent to /docs,
+anything else gets a small JSON index of where things are.
 """
 
 from __future__ import annotations
@@ -21,14 +25,15 @@ import time
 from dataclasses import dataclass
 from importlib import metadata, resources
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import FileResponse, HTMLResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse
+from psycopg_pool import AsyncConnectionPool
 
 from ext import openapi
-from ext.deps import SettingsDep
+from ext.deps import PoolDep, SettingsDep
 from ext.errors import ApiError
 
 log = logging.getLogger("ext.docs")
@@ -69,7 +74,27 @@ async def _fetch_postgrest(url: str, timeout: float) -> dict[str, Any]:
     return doc
 
 
-async def merged_document(request: Request, settings: SettingsDep) -> bytes:
+async def _fetch_catalog(pool: AsyncConnectionPool, timeout: float) -> openapi.Catalog | None:
+    try:
+        async with pool.connection(timeout=timeout) as conn:
+            cur = await conn.execute(openapi.CATALOG_SQL)  # catalogs only: no role, no RLS involved
+            return openapi.catalog_from_rows(cast(list[dict[str, Any]], await cur.fetchall()))  # dict_row
+    except Exception as e:  # the document still serves, without nullability and required fields
+        log.warning("the database's catalog unavailable for the API description: %s", e)
+        return None
+
+
+def _ext_constraints(settings: SettingsDep) -> dict[str, dict[str, dict[str, Any]]]:
+    """What ext's handlers check beyond their pydantic models, for the document."""
+    from ext.routers.auth import EMAIL
+
+    password = {"minLength": settings.password_min_length, "maxLength": settings.password_max_length}
+    # Python's \s (what ext checks) also matches U+001C..U+001F and U+0085; ECMA's does not
+    email = EMAIL.pattern.replace("\\s", "\\s\\x1c-\\x1f\\x85")
+    return {"SignupBody": {"email": {"pattern": email}, "password": password}}
+
+
+async def merged_document(request: Request, settings: SettingsDep, pool: AsyncConnectionPool) -> bytes:
     state = request.app.state
     cached: _Cached | None = getattr(state, "openapi_cache", None)
     now = time.monotonic()
@@ -85,14 +110,15 @@ async def merged_document(request: Request, settings: SettingsDep) -> bytes:
         doc = openapi.merge(ext_doc, None, note="PostgREST's endpoints are missing: it did not answer just now. "
                                                 "Reload in a moment.")
         return json.dumps(doc).encode()
-    body = json.dumps(openapi.merge(ext_doc, swagger)).encode()
-    state.openapi_cache = _Cached(body, now, True)
+    catalog = await _fetch_catalog(pool, settings.ready_timeout_s)
+    body = json.dumps(openapi.merge(ext_doc, swagger, catalog, ext_constraints=_ext_constraints(settings))).encode()
+    state.openapi_cache = _Cached(body, now, catalog is not None)
     return body
 
 
 @router.get("/openapi.json")
-async def openapi_json(request: Request, settings: SettingsDep) -> Response:
-    body = await merged_document(request, settings)
+async def openapi_json(request: Request, settings: SettingsDep, pool: PoolDep) -> Response:
+    body = await merged_document(request, settings, pool)
     return Response(body, media_type="application/json", headers={"Cache-Control": "no-cache"})
 
 
@@ -142,3 +168,34 @@ async def docs_asset(name: str) -> Response:
         raise ApiError(404, "TP404", "not found", name)
     return FileResponse(_assets_dir() / name, media_type=ASSETS[name],
                         headers={"Cache-Control": "public, max-age=86400"})
+
+
+INDEX = {
+    "name": "Tracepipe API",
+    "links": {
+        "docs": "/docs",
+        "openapi": "/openapi.json",
+        "jwks": "/.well-known/jwks.json",
+        "health": "/health",
+    },
+    "hint": "The reference is at /docs (for people) and /openapi.json (OpenAPI 3.1, for tools).",
+}
+
+
+def _wants_html(accept: str) -> bool:
+    """A browser's Accept names text/html before (or instead of) JSON; a tool's does not."""
+    kinds = [part.split(";")[0].strip().lower() for part in accept.split(",")]
+    if "text/html" not in kinds:
+        return False
+    return "application/json" not in kinds or kinds.index("text/html") < kinds.index("application/json")
+
+
+@router.api_route("/", methods=["GET", "HEAD"])
+async def root(request: Request, settings: SettingsDep, pool: PoolDep) -> Response:
+    accept = request.headers.get("accept", "")
+    if _wants_html(accept):
+        return RedirectResponse("/docs", status_code=303)
+    if "application/openapi+json" in accept.lower():  # what PostgREST's root answered such a client
+        return await openapi_json(request, settings, pool)
+    return JSONResponse(INDEX, headers={"Cache-Control": "no-cache", "Link": '</docs>; rel="service-doc", '
+                                        '</openapi.json>; rel="service-desc"'})

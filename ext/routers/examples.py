@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import sys
 import uuid
 import zlib
 from collections.abc import AsyncIterator
@@ -178,15 +179,19 @@ async def _visible_example(pool: PoolDep, caller: dict[str, Any], rid: str | Non
     return dict(row)
 
 
+LINES_HINT = "a-b (lines a to b), a- (line a to the end) or a (line a alone); 1-based, inclusive"
+
+
 def _line_range(spec: str) -> tuple[int, int]:
-    first, _, last = spec.partition("-")
+    """`a-b`, `a-` (to the end: sys.maxsize) or `a`."""
+    first, dash, last = spec.partition("-")
     try:
         start = int(first)
-        end = int(last) if last else start
+        end = int(last) if last else (sys.maxsize if dash else start)
     except ValueError:
-        raise ApiError(400, "TP400", "lines must look like a-b (1-based, inclusive)", spec) from None
+        raise ApiError(400, "TP400", "invalid lines parameter", spec, f"Use {LINES_HINT}.") from None
     if start < 1 or end < start:
-        raise ApiError(400, "TP400", "lines must look like a-b (1-based, inclusive)", spec)
+        raise ApiError(400, "TP400", "invalid lines parameter", spec, f"Use {LINES_HINT}.")
     return start, end
 
 
@@ -319,7 +324,7 @@ async def export_examples(
             response_class=Response, responses=documented("application/jsonl"))
 async def stream_messages(
     example_id: str, caller: CallerDep, pool: PoolDep, store: StoreDep, rid: RequestIdDep,
-    lines: Annotated[str | None, Query(description="only these lines, a-b (1-based, inclusive)")] = None,
+    lines: Annotated[str | None, Query(description=f"only these lines: {LINES_HINT}")] = None,
     range_header: Annotated[str | None, Header(alias="range")] = None,
     if_none_match: Annotated[str | None, Header()] = None,
     accept_encoding: Annotated[str | None, Header()] = None,
@@ -342,3 +347,8 @@ async def stream_messages(
                                  headers={"Content-Encoding": "gzip", "ETag": gz_etag, "Vary": "Accept-Encoding"})
     return stream_object(store, key, row["size_bytes"], etag, "application/jsonl", range_header, if_none_match,
                          {"Vary": "Accept-Encoding"})
+
+
+# HEAD answers what GET would, without the body (PrimedStreamingResponse reads nothing for it).
+router.add_api_route("/examples/export", export_examples, methods=["HEAD"], include_in_schema=False)
+router.add_api_route("/examples/{example_id}/messages", stream_messages, methods=["HEAD"], include_in_schema=False)

@@ -210,3 +210,9 @@ async def delete_session(session_id: str, caller: CallerDep, pool: PoolDep, stor
     # The delete queued sessions/{id}/ (and its examples' prefixes) in app.object_deletions.
     await drain_deletions(pool, store)
     return JSONResponse(deleted["row"])
+
+
+# HEAD answers what GET would, without the body (PrimedStreamingResponse reads nothing for it).
+router.add_api_route("/sessions/{session_id}/bundle", download_bundle, methods=["HEAD"], include_in_schema=False)
+router.add_api_route("/sessions/{session_id}/files/{path:path}", download_member, methods=["HEAD"],
+                     include_in_schema=False)

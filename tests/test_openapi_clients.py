@@ -1,0 +1,413 @@
+"""Tools nobody on the project wrote, run on the live stack's GET /openapi.json (issue 14):
+
+- openapi-python-client (PyPI) generates a client into a temporary directory; the test imports
+  it and lists, creates (with only the required fields), updates, filters and deletes suites,
+  actions, MCP servers, tools and bindings through the proxy;
+- openapi-typescript + openapi-fetch (npm, tests/js/, installed with `npm ci` when absent):
+  the generated types compile under `tsc --strict` for the same calls (tests/js/client.ts),
+  calls the document forbids do not (tests/js/negative.ts), and node runs client.ts against
+  the stack;
+- Redocly CLI lints the document: no errors, no operation without an operationId;
+- schemathesis sends schema-valid requests (positive generation only) to every operation and
+  finds none rejected (a 4xx other than 401/403/404/409/429/416: what the data, not the
+  request, decides).
+
+Creating with only the required fields relies on the database deriving a suite's slug, an MCP
+server's transport and a binding's mcp_server_id (DESIGN.md §9, the lead's change): until that
+is on main, those cases are xfail (not strict), and so is the schemathesis run if it meets them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import User, create_key, create_suite, unique
+from tracepipe.settings import REPO_ROOT
+
+JS = REPO_ROOT / "tests" / "js"
+NEEDS_DERIVED = pytest.mark.xfail(reason="needs derived fields (lead)", strict=False)
+# ext's byte streams (zip, JSONL, files): openapi-python-client has no model for those media
+# types and says so; every other operation must come through whole.
+STREAMS = {"POST /examples", "GET /examples/export", "GET /examples/{example_id}/messages", "POST /sessions",
+           "GET /sessions/{session_id}/bundle", "GET /sessions/{session_id}/files/{path}"}
+
+
+@pytest.fixture(scope="module")
+def document(anon: httpx.Client) -> dict[str, Any]:
+    r = anon.get("/openapi.json")
+    assert r.status_code == 200, r.text[:300]
+    return dict(r.json())
+
+
+@pytest.fixture(scope="module")
+def document_file(document: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("openapi") / "openapi.json"
+    path.write_text(json.dumps(document))
+    return path
+
+
+def operations(document: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    return [(method, path, op) for path, item in document["paths"].items() for method, op in item.items()]
+
+
+# --- openapi-python-client -----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def generated(document: dict[str, Any], document_file: Path,
+              tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModuleType]:
+    out = tmp_path_factory.mktemp("python-client")
+    tool = Path(sys.executable).parent / "openapi-python-client"
+    result = subprocess.run([str(tool), "generate", "--path", str(document_file), "--meta", "none",
+                             "--output-path", str(out / "tp_api_client")],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    warned = set(re.findall(r"WARNING parsing (\w+ \S+) within", result.stdout))
+    assert warned <= STREAMS, (warned - STREAMS, result.stdout[-3000:])
+    assert "Unable to" not in result.stdout, result.stdout[-3000:]  # no schema dropped
+    # one function per operation: none lost to a name clash (/api-keys and /api_keys were)
+    modules = [p for p in (out / "tp_api_client" / "api").rglob("*.py") if p.name != "__init__.py"]
+    assert len(modules) == len(operations(document)), (len(modules), len(operations(document)))
+    sys.path.insert(0, str(out))
+    try:
+        yield importlib.import_module("tp_api_client")
+    finally:
+        sys.path.remove(str(out))
+        for name in [m for m in sys.modules if m == "tp_api_client" or m.startswith("tp_api_client.")]:
+            del sys.modules[name]
+
+
+def api(package: ModuleType, tag: str, operation_id: str) -> Any:
+    return importlib.import_module(f"{package.__name__}.api.{tag}.{operation_id}")
+
+
+def model(package: ModuleType, name: str) -> Any:
+    return getattr(importlib.import_module(f"{package.__name__}.models"), name)
+
+
+@pytest.fixture
+def client(generated: ModuleType, base_url: str, make_user: Callable[..., User]) -> Iterator[Any]:
+    user = make_user()
+    with generated.AuthenticatedClient(base_url=base_url, token=user.token, raise_on_unexpected_status=True) as c:
+        yield c
+
+
+def created(response: Any) -> Any:
+    assert response.status_code == 201, (response.status_code, response.content[:500])
+    rows = response.parsed
+    assert isinstance(rows, list) and len(rows) == 1, rows
+    return rows[0]
+
+
+def test_python_client_lists_creates_updates_filters_and_deletes_every_capability_resource(
+        generated: ModuleType, client: Any) -> None:
+    g, m = generated, (lambda name: model(generated, name))
+    # suites (slug given: the derived one is the next test's business)
+    slug = unique("py-suite")
+    suite = created(api(g, "suites", "create_suites").sync_detailed(
+        client=client, body=m("SuitesInsert")(name="Py Suite", slug=slug)))
+    assert isinstance(suite, m("Suites")) and suite.slug == slug
+    listed = api(g, "suites", "list_suites").sync(client=client, id=f"eq.{suite.id}",
+                                                   prefer=m("ListSuitesPrefer")("count=exact"))
+    assert [s.id for s in listed] == [suite.id]
+    changed = api(g, "suites", "update_suite").sync(client=client, suite_id=suite.id,
+                                                     body=m("SuitesUpdate")(description="changed"))
+    assert changed.description == "changed" and changed.id == suite.id
+    # actions under the suite: only the name
+    action = created(api(g, "actions", "create_suites_actions").sync_detailed(
+        client=client, suite_id=suite.id, body=m("ActionsInsertUnderSuite")(name="lookup")))
+    assert action.suite_id == suite.id
+    found = api(g, "actions", "list_suites_actions").sync(client=client, suite_id=suite.id, name="eq.lookup")
+    assert [a.id for a in found] == [action.id]
+    action = api(g, "actions", "update_suites_action").sync(client=client, suite_id=suite.id, action_id=action.id,
+                                                            body=m("ActionsUpdate")(description="looks up"))
+    assert action.description == "looks up"
+    # an MCP server and a tool of it
+    server = created(api(g, "mcp_servers", "create_mcp_servers").sync_detailed(
+        client=client, body=m("McpServersInsert")(name=unique("py-server"), url="https://mcp.example.test/py",
+                                                  transport=m("McpServersInsertTransport")("streamable-http"))))
+    tool = created(api(g, "tools", "create_mcp_servers_tools").sync_detailed(
+        client=client, mcp_server_id=server.id, body=m("ToolsInsertUnderMcpServer")(name="search")))
+    tools = api(g, "tools", "list_mcp_servers_tools").sync(client=client, mcp_server_id=server.id,
+                                                          name="ilike.sea*")
+    assert [t.id for t in tools] == [tool.id]
+    # a binding
+    binding = created(api(g, "action_tool_maps", "create_action_tool_maps").sync_detailed(
+        client=client, body=m("ActionToolMapsInsert")(suite_id=suite.id, action_id=action.id, tool_id=tool.id,
+                                                      mcp_server_id=server.id)))
+    bindings = api(g, "action_tool_maps", "list_action_tool_maps").sync(client=client, suite_id=f"eq.{suite.id}")
+    assert [b.id for b in bindings] == [binding.id]
+    mapping = m("ActionToolMapsUpdateArgumentMapping").from_dict({"q": "$.query"})
+    binding = api(g, "action_tool_maps", "update_action_tool_map").sync(
+        client=client, map_id=binding.id, body=m("ActionToolMapsUpdate")(argument_mapping=mapping))
+    assert binding.argument_mapping.to_dict() == {"q": "$.query"}
+    # delete, innermost first; each /{id} DELETE answers the row, then it is gone
+    assert api(g, "action_tool_maps", "delete_action_tool_map").sync(client=client, map_id=binding.id).id == binding.id
+    assert api(g, "tools", "delete_mcp_servers_tool").sync(client=client, mcp_server_id=server.id,
+                                                          tool_id=tool.id).id == tool.id
+    assert api(g, "mcp_servers", "delete_mcp_server").sync(client=client, mcp_server_id=server.id).id == server.id
+    assert api(g, "actions", "delete_suites_action").sync(client=client, suite_id=suite.id,
+                                                         action_id=action.id).id == action.id
+    assert api(g, "suites", "delete_suite").sync(client=client, suite_id=suite.id).id == suite.id
+    gone = api(g, "suites", "get_suite").sync_detailed(client=client, suite_id=suite.id)
+    assert gone.status_code == 404 and gone.parsed.code
+    me = api(g, "users", "get_me").sync(client=client)
+    assert isinstance(me, m("Me")) and me.memberships == []
+
+
+def test_python_client_typed_errors_and_signup(generated: ModuleType, base_url: str) -> None:
+    """Errors parse as the one Error model; signup's 201 as its own model."""
+    with generated.Client(base_url=base_url) as anon:
+        body = model(generated, "SignupBody")(email=f"{unique('gen')}@example.test",
+                                              password="correct horse battery staple")
+        signed = api(generated, "auth", "signup_auth_signup_post").sync(client=anon, body=body)
+        assert isinstance(signed, model(generated, "Signup")) and signed.access_token and signed.expires_in > 0
+    with generated.AuthenticatedClient(base_url=base_url, token=signed.access_token) as c:
+        r = api(generated, "suites", "get_suite").sync_detailed(client=c,
+                                                                suite_id="00000000-0000-0000-0000-000000000000")
+        assert r.status_code == 404 and isinstance(r.parsed, model(generated, "Error"))
+
+
+def test_python_client_creates_actions_and_tools_with_only_required_fields(generated: ModuleType, client: Any,
+                                                                          make_user: Callable[..., User]) -> None:
+    g, m = generated, (lambda name: model(generated, name))
+    suite = created(api(g, "suites", "create_suites").sync_detailed(
+        client=client, body=m("SuitesInsert")(name="Only required", slug=unique("req"))))
+    action = created(api(g, "actions", "create_actions").sync_detailed(
+        client=client, body=m("ActionsInsert")(suite_id=suite.id, name="bare")))
+    assert action.input_schema.to_dict() == {} and action.description is None
+    server = created(api(g, "mcp_servers", "create_mcp_servers").sync_detailed(
+        client=client, body=m("McpServersInsert")(name=unique("req"), url="https://mcp.example.test/r",
+                                                  transport=m("McpServersInsertTransport")("sse"))))
+    tool = created(api(g, "tools", "create_tools").sync_detailed(
+        client=client, body=m("ToolsInsert")(mcp_server_id=server.id, name="bare")))
+    assert tool.input_schema.to_dict() == {}
+
+
+@NEEDS_DERIVED
+def test_python_client_creates_a_suite_with_only_its_name(generated: ModuleType, client: Any) -> None:
+    suite = created(api(generated, "suites", "create_suites").sync_detailed(
+        client=client, body=model(generated, "SuitesInsert")(name=f"My Suite {unique('n')}")))
+    assert re.fullmatch(r"[a-z0-9][a-z0-9-]*", suite.slug), suite.slug
+
+
+@NEEDS_DERIVED
+def test_python_client_creates_an_mcp_server_with_only_name_and_url(generated: ModuleType, client: Any) -> None:
+    server = created(api(generated, "mcp_servers", "create_mcp_servers").sync_detailed(
+        client=client, body=model(generated, "McpServersInsert")(name=unique("bare"), url="https://mcp.example.test")))
+    assert server.transport.value == "streamable-http"
+
+
+@NEEDS_DERIVED
+def test_python_client_binds_without_naming_the_tools_server(generated: ModuleType, client: Any,
+                                                            base_url: str) -> None:
+    g, m = generated, (lambda name: model(generated, name))
+    suite = created(api(g, "suites", "create_suites").sync_detailed(
+        client=client, body=m("SuitesInsert")(name="Bind", slug=unique("bind"))))
+    action = created(api(g, "actions", "create_suites_actions").sync_detailed(
+        client=client, suite_id=suite.id, body=m("ActionsInsertUnderSuite")(name="a")))
+    server = created(api(g, "mcp_servers", "create_mcp_servers").sync_detailed(
+        client=client, body=m("McpServersInsert")(name=unique("bind"), url="https://mcp.example.test/b",
+                                                  transport=m("McpServersInsertTransport")("stdio"))))
+    tool = created(api(g, "tools", "create_mcp_servers_tools").sync_detailed(
+        client=client, mcp_server_id=server.id, body=m("ToolsInsertUnderMcpServer")(name="t")))
+    binding = created(api(g, "action_tool_maps", "create_action_tool_maps").sync_detailed(
+        client=client, body=m("ActionToolMapsInsert")(suite_id=suite.id, action_id=action.id, tool_id=tool.id)))
+    assert binding.mcp_server_id == server.id
+
+
+def test_document_gives_generators_what_they_need(document: dict[str, Any]) -> None:
+    """The properties the generators rely on, checked in the document itself."""
+    ids = Counter(op.get("operationId") for _, _, op in operations(document))
+    assert None not in ids and all(n == 1 for n in ids.values()), ids.most_common(3)
+    paths = set(document["paths"])
+    assert not {"/api_keys", "/mcp_servers", "/action_tool_maps", "/"} & paths  # one path per resource
+    schemas = document["components"]["schemas"]
+    for _, path, op in operations(document):
+        for media in op.get("requestBody", {}).get("content", {}):
+            assert "pgrst" not in media and media in {"application/json", "multipart/form-data", "application/zip",
+                                                      "application/jsonl"}, (path, media)
+    suites, insert, update = schemas["suites"], schemas["suites_insert"], schemas["suites_update"]
+    assert set(suites["required"]) == set(suites["properties"])
+    assert suites["properties"]["id"] == {**suites["properties"]["id"], "type": "string", "format": "uuid",
+                                          "readOnly": True}
+    assert suites["properties"]["created_at"]["format"] == "date-time"
+    assert suites["properties"]["description"]["type"] == ["string", "null"]
+    assert insert["required"] == ["name"] and insert["additionalProperties"] is False
+    assert not {"id", "created_by", "created_at", "updated_at"} & set(insert["properties"])
+    assert "required" not in update and "id" not in update["properties"]
+    assert "transport" not in schemas["mcp_servers_insert"].get("required", [])
+    assert schemas["mcp_servers_insert"]["properties"]["transport"]["enum"] == ["stdio", "sse", "streamable-http"]
+    assert "mcp_server_id" not in schemas["action_tool_maps_insert"]["required"]
+    listing = document["paths"]["/suites"]["get"]
+    by_name = {p["name"]: p for p in listing["parameters"]}
+    assert re.fullmatch(by_name["id"]["schema"]["pattern"], "eq.00000000-0000-0000-0000-000000000000")
+    assert not re.fullmatch(by_name["id"]["schema"]["pattern"], "00000000-0000-0000-0000-000000000000")
+    assert "count=exact" in by_name["Prefer"]["schema"]["enum"]
+    post = document["paths"]["/suites"]["post"]
+    assert post["responses"]["201"]["content"]["application/json"]["schema"]["items"] == {
+        "$ref": "#/components/schemas/suites"}
+    assert document["paths"]["/users/me"]["get"]["responses"]["200"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/Me"}
+    assert document["paths"]["/auth/signup"]["post"]["responses"]["201"]["content"]["application/json"][
+        "schema"] == {"$ref": "#/components/schemas/Signup"}
+    assert post["responses"]["400"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Error"}
+
+
+# --- npm: openapi-typescript, openapi-fetch, Redocly ------------------------------------------------
+
+@pytest.fixture(scope="module")
+def node_modules() -> Path:
+    """tests/js's packages, exactly as package-lock.json pins them (npm ci when absent or stale)."""
+    if shutil.which("npm") is None:
+        pytest.fail("npm is needed (scripts/bootstrap.sh installs it)")
+    installed = JS / "node_modules" / ".package-lock.json"
+    if not installed.exists() or installed.stat().st_mtime < (JS / "package-lock.json").stat().st_mtime:
+        r = subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=JS, capture_output=True, text=True,
+                           timeout=900)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    return JS / "node_modules"
+
+
+def npx(node_modules: Path, tool: str, *args: str, cwd: Path | None = None,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(node_modules / ".bin" / tool), *args], cwd=cwd or JS, capture_output=True,
+                          text=True, timeout=600, env=env)
+
+
+@pytest.fixture(scope="module")
+def typescript_project(node_modules: Path, document_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tests/js's sources and the types generated from the live document, compiled with tsc --strict."""
+    work = tmp_path_factory.mktemp("ts")
+    for name in ("client.ts", "negative.ts", "tsconfig.json", "package.json"):
+        shutil.copy(JS / name, work / name)
+    (work / "node_modules").symlink_to(node_modules)
+    r = npx(node_modules, "openapi-typescript", str(document_file), "-o", str(work / "api.ts"))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    r = npx(node_modules, "tsc", "-p", str(work / "tsconfig.json"), "--strict", cwd=work)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    return work
+
+
+def test_typescript_types_compile_strictly_and_refuse_what_the_document_forbids(typescript_project: Path) -> None:
+    api_ts = (typescript_project / "api.ts").read_text()
+    # separate row and body types, the row's columns not optional
+    suites = re.search(r"\n        suites: \{(.*?)\n        \};", api_ts, re.S)
+    assert suites and "readonly id: string;" in suites.group(1) and "name: string;" in suites.group(1), api_ts[:500]
+    assert "suites_insert: {" in api_ts and "suites_update: {" in api_ts
+    # negative.ts's @ts-expect-error lines each are a type error, or tsc above would have failed
+    assert (typescript_project / "out" / "negative.js").exists() and (typescript_project / "out" / "client.js").exists()
+
+
+def test_openapi_fetch_client_runs_against_the_stack(typescript_project: Path, base_url: str,
+                                                     make_user: Callable[..., User]) -> None:
+    user = make_user()
+    env = {**os.environ, "TP_BASE_URL": base_url, "TP_TOKEN": user.token, "TP_TAG": unique("t")}
+    r = subprocess.run(["node", str(typescript_project / "out" / "client.js")], capture_output=True, text=True,
+                       timeout=300, env=env, cwd=typescript_project)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    seen = json.loads(r.stdout.strip().splitlines()[-1])
+    assert seen["listed"] == [seen["suite"]["id"]]
+    assert seen["description"] == "changed by openapi-fetch"
+    assert len(seen["actions"]) == 1 and len(seen["bindings"]) == 1
+    assert seen["argument_mapping"] == {"q": "$.query"}
+    assert seen["after_delete"] == 404 and seen["me"] == user.email
+
+
+def test_redocly_lint_finds_no_error_and_no_missing_operation_id(node_modules: Path, document_file: Path) -> None:
+    r = npx(node_modules, "redocly", "lint", str(document_file), "--format=json", "--max-problems", "10000")
+    report = json.loads(r.stdout[r.stdout.index("{"):])
+    problems = Counter((p["severity"], p["ruleId"]) for p in report["problems"])
+    print("\nredocly:", report["totals"], dict(problems))
+    assert report["totals"]["errors"] == 0, [p for p in report["problems"] if p["severity"] == "error"][:10]
+    assert not [p for p in report["problems"] if p["ruleId"] == "operation-operationId"]
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+# --- schemathesis: schema-valid requests are accepted ---------------------------------------------------
+
+EXAMPLES = int(os.environ.get("TP_OPENAPI_FUZZ_EXAMPLES", "5"))
+# A 416 (offset past the last row, with a count) depends on how many rows there are, like a 404
+# on an id that does not exist: the data decides, not the request's shape.
+ACCEPTED = ["2xx", "3xx", "401", "403", "404", "409", "416", "429", "5xx"]
+# Refusals of schema-valid requests that other work removes; each one seen makes the test xfail
+# with its reason, any other fails it.
+PENDING = {
+    "POST /suites": "needs derived fields (lead): slug from name",
+    "POST /mcp-servers": "needs derived fields (lead): transport default",
+    "POST /action-tool-maps": "needs derived fields (lead): mcp_server_id from tool_id",
+    "DELETE /suite_members": "an unfiltered delete meets the last-owner rule as 400 (lead: safe writes)",
+    "POST /api-keys": "a key limited to another's suite is a 400 from api.create_api_key, where 403 is due",
+}
+# What a schema names but cannot generate: export's cursor is opaque (only X-Next-Cursor values
+# are valid, as only existing ids are found), and an upload's bytes must be a zip bundle or JSONL
+# (`format: binary`); generated ones are refused (400/422) by design.
+OPAQUE = {"GET /examples/export", "POST /sessions", "POST /examples"}
+
+
+def fuzz_positive(op: Any, session: Any, authorization: Callable[[str], str], rejected: Counter[str],
+                  samples: dict[str, str]) -> None:
+    """EXAMPLES schema-valid requests for one operation; each one refused is counted."""
+    from hypothesis import HealthCheck, Phase, given, settings
+    from schemathesis import GenerationMode
+    from schemathesis.checks import not_a_server_error, positive_data_acceptance
+    from schemathesis.core.failures import Failure, FailureGroup
+
+    @given(case=op.as_strategy(generation_mode=GenerationMode.POSITIVE))
+    @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
+              phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
+    def run(case: Any) -> None:
+        response = case.call(headers={"Authorization": authorization(case.path)}, session=session, timeout=60)
+        try:
+            case.validate_response(response, checks=[not_a_server_error, positive_data_acceptance])
+        except (Failure, FailureGroup):
+            rejected[op.label] += 1
+            samples.setdefault(op.label, f"{response.status_code} {response.text[:300]}\n    "
+                                         f"{case.as_curl_command(headers={'Authorization': '…'})[:600]}")
+
+    run()
+
+
+def test_schemathesis_finds_no_schema_valid_request_rejected(base_url: str, make_user: Callable[..., User]) -> None:
+    import requests
+    import schemathesis
+
+    fuzzer = make_user()
+    suite = create_suite(fuzzer)
+    fuzzer.client.post(f"/suites/{suite['id']}/actions", json={"name": "fuzz-target"})
+    key = create_key(fuzzer)["key"]
+    schema = schemathesis.openapi.from_url(f"{base_url}/openapi.json", wait_for_schema=30)
+    schema.config.checks.positive_data_acceptance.expected_statuses = ACCEPTED
+    # logout would end the fuzzer's own token (test_fuzz.py says why)
+    schema = schema.exclude(path="/auth/logout")
+    ops = [r.ok() for r in schema.get_all_operations()]
+    ops.sort(key=lambda op: op.method.upper() == "DELETE")  # the fuzzer's suite and key live until then
+    rejected: Counter[str] = Counter()
+    samples: dict[str, str] = {}
+
+    def authorization(path: str) -> str:
+        return f"ApiKey {key}" if path == "/auth/token" else f"Bearer {fuzzer.token}"
+
+    with requests.Session() as session:
+        for op in ops:
+            fuzz_positive(op, session, authorization, rejected, samples)
+    print(f"\nschemathesis: {len(ops)} operations × {EXAMPLES} positive examples; "
+          f"{sum(rejected.values())} rejected over {len(rejected)} operations: {dict(rejected)}")
+    unexpected = {k: v for k, v in samples.items() if k not in PENDING and k not in OPAQUE}
+    assert not unexpected, "\n".join(f"{k}: {v}" for k, v in unexpected.items())
+    pending = sorted(PENDING[k] for k in rejected if k in PENDING)
+    if pending:
+        pytest.xfail("; ".join(pending))

@@ -142,13 +142,21 @@ def test_a_header_value_that_is_not_utf8_never_reaches_postgrest(person: User, s
             assert r.status_code == 200, (method, path, r.status_code, r.text[:200])
 
 
-@pytest.mark.parametrize("path", ["/suites/%C3%A4", "/action-tool-maps/a.b", "/examples/%F0%9F%98%80/messages",
-                                  "/foo/bar", "/rpc/me/more", "/suites/", "/.well-known/other"])
+@pytest.mark.parametrize("path", ["/foo/bar", "/rpc/me/more", "/suites/", "/.well-known/other", "/nope"])
 def test_a_path_no_route_has_is_a_json_404(person: User, path: str) -> None:
     """Not PostgREST's bare `{}` 404 (what a path deeper than its native ones got)."""
     r = person.client.get(path)
     assert r.status_code == 404, (path, r.status_code, r.text[:200])
     assert assert_error_body(r)["code"] == "TP404"
+
+
+@pytest.mark.parametrize("path", ["/suites/%C3%A4", "/action-tool-maps/a.b", "/examples/%F0%9F%98%80/messages",
+                                  "/sessions/not-a-uuid", "/suites/00000000-0000-0000-0000-000000000000/actions/x"])
+def test_a_malformed_id_in_a_path_is_a_400_naming_it(person: User, anon: httpx.Client, path: str) -> None:
+    """DESIGN §9: a malformed id is 400 naming the parameter (401 first without credentials)."""
+    r = person.client.get(path)
+    assert r.status_code == 400 and "id" in assert_error_body(r)["details"], (path, r.status_code, r.text[:200])
+    assert anon.get(path).status_code == 401
 
 
 # --- sizes: headers, URLs ------------------------------------------------------------------------

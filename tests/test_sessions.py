@@ -89,13 +89,15 @@ class Snapshot:
     rows: int
     idempotency_records: int
     keys: frozenset[str]
+    uploads: frozenset[str] = frozenset()  # open multipart uploads (ids): tus uploads of other tests stay open
 
 
 def snapshot(su: psycopg.Connection[dict[str, Any]], bucket: Bucket) -> Snapshot:
     row = su.execute("select (select count(*) from app.sessions) as rows,"
                      " (select count(*) from app.idempotency_keys) as records").fetchone()
     assert row is not None
-    return Snapshot(row["rows"], row["records"], frozenset(bucket.keys()))
+    return Snapshot(row["rows"], row["records"], frozenset(bucket.keys()),
+                    frozenset(u["UploadId"] for u in bucket.open_uploads()))
 
 
 def leftovers(su: psycopg.Connection[dict[str, Any]], bucket: Bucket, before: Snapshot) -> list[str]:
@@ -108,7 +110,7 @@ def leftovers(su: psycopg.Connection[dict[str, Any]], bucket: Bucket, before: Sn
         found.append(f"idempotency records {before.idempotency_records} -> {now.idempotency_records}")
     if now.keys - before.keys:
         found.append(f"new objects {sorted(now.keys - before.keys)}")
-    if uploads := bucket.open_uploads():
+    if uploads := [u for u in bucket.open_uploads() if u["UploadId"] not in before.uploads]:
         found.append(f"open multipart uploads {[u['Key'] for u in uploads]}")
     return found
 

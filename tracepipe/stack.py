@@ -389,7 +389,11 @@ class Stack:
         # log_line_prefix shows application_name, which carries the proxy's request id.
         opts = (f"-p {self.s.pg_port} -k {self.socket_dir} -c listen_addresses={self.s.host} "
                 f"-c max_connections=200 -c shared_buffers=256MB -c password_encryption=scram-sha-256 "
-                f"-c 'log_line_prefix=%m [%p] app=%a user=%u db=%d ' -c log_min_duration_statement=1s")
+                f"-c 'log_line_prefix=%m [%p] app=%a user=%u db=%d ' -c log_min_duration_statement=1s "
+                # No bind parameters in the slow log: PostgREST's carry request.headers, bearer token
+                # included. pgaudit logs analysts' statements; tp_guard pins their settings
+                # (db/ext/tp_guard, built by scripts/bootstrap.sh).
+                f"-c log_parameter_max_length=0 -c shared_preload_libraries=pgaudit,tp_guard")
         self._as_pg_user([str(bindir / "pg_ctl"), "-D", str(self.pg_data), "-l", str(log), "-o", opts,
                           "-w", "-t", "60", "start"], stdout=subprocess.DEVNULL)
     def _stop_postgres(self) -> None:

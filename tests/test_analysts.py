@@ -383,10 +383,12 @@ def test_pinned_settings_cannot_be_raised_by_any_path(make_analyst: Callable[...
 def test_analysts_run_no_procedural_code(make_analyst: Callable[..., Analyst]) -> None:
     a = make_analyst()
     with connect(a.url) as conn:
-        # The reproduction: a DO loop catching every cancel outlived its statement_timeout.
+        # The reproduction: a DO loop catching every cancel outlived its statement_timeout
+        # (bounded here to 40 s, past the role's 30 s).
         with pytest.raises(errors.InsufficientPrivilege, match="language plpgsql"):
-            conn.execute("do $$ begin loop begin perform pg_sleep(1); exception when query_canceled then null;"
-                         " end; end loop; end $$")
+            conn.execute("do $$ declare stop timestamptz := clock_timestamp() + interval '40 s';"
+                         " begin while clock_timestamp() < stop loop begin perform pg_sleep(0.5);"
+                         " exception when query_canceled then null; end; end loop; end $$")
         with pytest.raises(errors.InsufficientPrivilege):
             conn.execute("do $$ begin perform 1; end $$")
         langs = conn.execute("select lanname from pg_language where has_language_privilege(lanname, 'usage')"

@@ -415,12 +415,13 @@ LARGE_OBJECT_WRITES = [
 ]
 
 
-def test_large_objects_wal_messages_and_notifications_are_refused(
+def test_large_objects_wal_messages_xids_and_notifications_are_refused(
         make_analyst: Callable[..., Analyst], su: psycopg.Connection[dict[str, Any]]) -> None:
     a = make_analyst()
     before = su.execute("select count(*) as n from pg_largeobject_metadata").fetchone()
     with connect(a.url) as conn:
         statements = [*LARGE_OBJECT_WRITES, "select pg_logical_emit_message(true, 'x', 'y')",
+                      "select txid_current()", "select pg_current_xact_id()",
                       "select pg_notify('pgrst', 'reload schema')", "notify pgrst, 'reload config'", "listen pgrst"]
         passed = []
         for statement in statements:

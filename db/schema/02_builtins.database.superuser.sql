@@ -17,10 +17,13 @@ begin
     -- Large objects: Tracepipe stores none, and a read-only transaction still writes them
     -- (lo_from_bytea, lo_create, lowrite, ...: unbounded disk). Nobody gets them back.
     -- pg_logical_emit_message writes WAL from a read-only transaction; pg_notify signals
-    -- the services' channels (PostgREST reloads on pgrst). Nobody gets them back either.
+    -- the services' channels (PostgREST reloads on pgrst); txid_current and
+    -- pg_current_xact_id assign a transaction id even in a read-only transaction (a loop of
+    -- them burns through the xid space towards wraparound). Nobody gets them back either.
     for f in select p.oid::regprocedure from pg_proc p
              where p.pronamespace = 'pg_catalog'::regnamespace
-               and (p.proname ~ '^lo_' or p.proname in ('loread', 'lowrite', 'pg_logical_emit_message', 'pg_notify'))
+               and (p.proname ~ '^lo_' or p.proname in ('loread', 'lowrite', 'pg_logical_emit_message', 'pg_notify',
+                                                        'txid_current', 'pg_current_xact_id'))
     loop
         execute format('revoke execute on function %s from public', f);
     end loop;

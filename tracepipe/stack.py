@@ -385,6 +385,11 @@ class Stack:
             self._as_pg_user([str(bindir / "initdb"), "-D", str(self.pg_data), "-U", "postgres",
                               "--auth-local=trust", "--auth-host=scram-sha-256", "-E", "UTF8",
                               "--locale=C.UTF-8"], stdout=subprocess.DEVNULL)
+        pkglib = bindir.parent / "lib"  # Debian's layout: /usr/lib/postgresql/<major>/{bin,lib}
+        for library in ("pgaudit", "tp_guard"):  # shared_preload_libraries below
+            if pkglib.is_dir() and not (pkglib / f"{library}.so").exists():
+                raise StackError(f"PostgreSQL library {library} is not installed in {pkglib}: run `make bootstrap`"
+                                 " (scripts/bootstrap.sh installs pgaudit and builds db/ext/tp_guard)")
         log = self.logfile("postgres")
         # log_line_prefix shows application_name, which carries the proxy's request id.
         opts = (f"-p {self.s.pg_port} -k {self.socket_dir} -c listen_addresses={self.s.host} "

@@ -368,6 +368,7 @@ def test_pinned_settings_cannot_be_raised_by_any_path(make_analyst: Callable[...
         for statement in ("alter role current_user set work_mem = '4GB'",
                           "alter role current_user set statement_timeout = 0",
                           "alter role current_user reset all",
+                          "alter role current_user password 'in-clear-text'",
                           sql.SQL("alter role {} in database {} set default_transaction_read_only = off")
                           .format(sql.Identifier(a.name), sql.Identifier(conn.info.dbname))):
             with pytest.raises(errors.InsufficientPrivilege):

@@ -18,8 +18,9 @@
  * function's SET clause, BEGIN/SET TRANSACTION READ WRITE, SET SESSION CHARACTERISTICS,
  * the connection's startup options (refused outright for these settings) and ALTER ROLE
  * ... SET validation. The role's own settings, applied at login (source user), pass.
- * A ProcessUtility hook closes the paths that bypass check hooks: ALTER ROLE ... SET/RESET
- * (a role may otherwise change its own login defaults) and RESET transaction_read_only; it
+ * A ProcessUtility hook closes the paths that bypass check hooks: ALTER ROLE (a role may
+ * otherwise change its own login defaults, or log its password in clear text through
+ * pgaudit) and RESET transaction_read_only; it
  * also refuses NOTIFY and LISTEN (read-only transactions allow them, and PostgREST reloads
  * on a NOTIFY pgrst). An ExecutorStart hook refuses any query of an analyst's that runs in
  * a read-write transaction (set_config('transaction_read_only', NULL, true) resets without
@@ -202,11 +203,14 @@ guard_utility(PlannedStmt *pstmt, const char *queryString, bool readOnlyTree,
 {
 	Node	   *stmt = pstmt->utilityStmt;
 
-	if (IsA(stmt, AlterRoleSetStmt) && analyst_session())
+	/* Its own role is the one an analyst could alter: login defaults the watchdog reads, and
+	 * a password in clear text that pgaudit would log. */
+	if ((IsA(stmt, AlterRoleSetStmt) || IsA(stmt, AlterRoleStmt)) && analyst_session())
 		ereport(ERROR,
 				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
-				 errmsg("analysts cannot change login settings (ALTER ROLE ... SET/RESET)"),
-				 errhint("An operator sets analysts' limits with `tracepipe analyst create` and `tracepipe migrate`.")));
+				 errmsg("analysts cannot alter their login role (ALTER ROLE: settings, password)"),
+				 errhint("An operator sets analysts' limits with `tracepipe analyst create` and `tracepipe migrate`,"
+						 " and issues a new password with `tracepipe analyst revoke` and `create`.")));
 	if ((IsA(stmt, NotifyStmt) || IsA(stmt, ListenStmt)) && analyst_session())
 		ereport(ERROR,
 				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),

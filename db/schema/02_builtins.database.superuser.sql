@@ -27,13 +27,17 @@ begin
     loop
         execute format('revoke execute on function %s from public', f);
     end loop;
-    -- Advisory locks: the service's (ext's sweep as authenticator, migrate as tp_owner) must
-    -- not be takeable by anyone else: an idle analyst holding the sweep's key stopped it.
+    -- Advisory locks: the service's must not be takeable by anyone else (an idle analyst
+    -- holding the sweep's key stopped it). Taken by ext's sweep and lock pool
+    -- (authenticator), a tus PATCH as the caller's role (tp_user, tp_pipeline, tp_admin:
+    -- roles that run no SQL of their own, PostgREST calls only api.*), the tus expiry as
+    -- tp_auth, and migrate as tp_owner.
     for f in select p.oid::regprocedure from pg_proc p
              where p.pronamespace = 'pg_catalog'::regnamespace and p.proname ~ '^pg_(try_)?advisory_'
     loop
         execute format('revoke execute on function %s from public', f);
-        execute format('grant execute on function %s to authenticator, tp_owner', f);
+        execute format('grant execute on function %s to authenticator, tp_owner, tp_auth, tp_user, tp_pipeline,'
+                       ' tp_admin', f);
     end loop;
 end
 $$;

@@ -7,7 +7,7 @@ TEST_STAMP := $(VENV)/.bootstrapped-test
 
 .PHONY: up down status migrate test lint bootstrap analyst analyst-revoke analysts bench
 
-$(STAMP): pyproject.toml requirements.lock scripts/bootstrap.sh
+$(STAMP): pyproject.toml requirements.lock scripts/bootstrap.sh db/ext/tp_guard/tp_guard.c db/ext/tp_guard/Makefile
 	scripts/bootstrap.sh
 	touch $@
 

@@ -59,6 +59,9 @@ class ExtSettings(BaseSettings):
     orphan_grace_s: int = Field(3600, description="objects without a row older than this are swept")
     sweep_interval_s: int = Field(300, description="how often ext sweeps orphans and drains deletions")
     cleanup_retry_s: int = Field(5, description="how often failed deletes/aborts are retried")
+    analyst_cancel_grace_s: float = Field(
+        10, description="an analyst query still running this long past its statement_timeout (it swallowed the"
+                        " cancel) is terminated by the watchdog")
     idempotency_ttl_s: int = 24 * 3600
 
     postgrest_url: str = Field("http://127.0.0.1:13001", description="PostgREST admin server, for /ready")

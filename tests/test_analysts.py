@@ -35,8 +35,8 @@ SCHEMAS = ("app", "api", "auth", "analytics", "public")
 # What an analyst may read of each data table in app: every column but the secrets.
 READABLE_APP_COLUMNS = {
     "users": {"id", "email", "display_name", "account_role", "disabled_at", "created_at", "updated_at"},
-    "api_keys": {"id", "user_id", "name", "prefix", "suites", "access", "expires_at", "last_used_at",
-                 "revoked_at", "created_at"},
+    "api_keys": {"id", "user_id", "name", "suites", "access", "expires_at", "last_used_at", "revoked_at",
+                 "created_at"},
     "suites": {"id", "name", "slug", "description", "created_by", "created_at", "updated_at"},
     "suite_members": {"id", "suite_id", "user_id", "role", "created_at", "updated_at"},
     "actions": {"id", "suite_id", "name", "description", "input_schema", "created_at", "updated_at"},
@@ -50,7 +50,8 @@ READABLE_APP_COLUMNS = {
                  "created_at"},
     "analysts": {"role_name", "suites", "created_at"},
 }
-SECRET_COLUMNS = {("app", "users", "password_hash"), ("app", "api_keys", "key_hash")}
+# A key's prefix is public to its owner, but it names the key at /auth/token (and its lockout).
+SECRET_COLUMNS = {("app", "users", "password_hash"), ("app", "api_keys", "key_hash"), ("app", "api_keys", "prefix")}
 SECRET_TABLES = {("app", "refresh_tokens")}
 SECRET_NAMES = {"password_hash", "key_hash", "token_hash"}
 
@@ -231,23 +232,38 @@ def test_statement_timeout_fires(make_analyst: Callable[..., Analyst]) -> None:
 
 
 def test_an_analyst_cannot_set_its_timeouts_away(make_analyst: Callable[..., Analyst]) -> None:
-    """The watchdog in ext holds a session to its role's limits whatever it SETs."""
+    """tp_guard refuses raising or turning off the timeouts; lowering them is allowed."""
     a = make_analyst(env={"TP_STATEMENT_TIMEOUT_ANALYST": "1s", "TP_ANALYST_IDLE_IN_TRANSACTION_TIMEOUT": "1s"})
     with connect(a.url) as conn:
-        conn.execute("set statement_timeout = 0")
-        started = time.monotonic()
-        with pytest.raises(errors.QueryCanceled):
+        for setting in ("statement_timeout", "idle_in_transaction_session_timeout"):
+            for value in ("0", "1h"):
+                with pytest.raises(errors.InsufficientPrivilege, match=f"{setting} is pinned for analysts"):
+                    conn.execute(sql.SQL("set {} = {}").format(sql.Identifier(setting), sql.Literal(value)))
+            conn.execute(sql.SQL("set {} = '500ms'").format(sql.Identifier(setting)))
+        with pytest.raises(errors.QueryCanceled, match="statement timeout"):
             conn.execute("select pg_sleep(60)")
-        assert time.monotonic() - started < 15
         assert conn.execute("select 1 as ok").fetchone() == {"ok": 1}  # the session itself lives on
-    with connect(a.url) as conn:
-        conn.autocommit = False
-        conn.execute("set idle_in_transaction_session_timeout = 0")
-        conn.execute("select 1")
+
+
+def test_the_watchdog_holds_open_sessions_to_tightened_limits(make_analyst: Callable[..., Analyst],
+                                                              su: psycopg.Connection[dict[str, Any]]) -> None:
+    """An operator lowers an analyst's limits (migrate does it for every analyst): sessions
+    already open keep the values they logged in with, and the watchdog holds them to the
+    role's new ones."""
+    a = make_analyst()
+    with connect(a.url) as busy, connect(a.url) as idle:
+        ident = sql.Identifier(a.name)
+        su.execute(sql.SQL("alter role {} set statement_timeout = '1s'").format(ident))
+        su.execute(sql.SQL("alter role {} set idle_in_transaction_session_timeout = '1s'").format(ident))
+        assert busy.execute("show statement_timeout").fetchone() == {"statement_timeout": "30s"}
+        with pytest.raises(errors.QueryCanceled, match="user request"):  # the watchdog's, not its own timeout
+            busy.execute("select pg_sleep(25)")
+        idle.autocommit = False
+        idle.execute("select 1")
         time.sleep(8)  # the role's 1 s, plus a round of the watchdog (5 s)
         with pytest.raises(psycopg.OperationalError):
-            conn.execute("select 1")
-        assert conn.closed
+            idle.execute("select 1")
+        assert idle.closed
 
 
 def test_temp_file_limit_and_idle_in_transaction_timeout_fire(make_analyst: Callable[..., Analyst]) -> None:
@@ -264,6 +280,270 @@ def test_temp_file_limit_and_idle_in_transaction_timeout_fire(make_analyst: Call
         with pytest.raises(psycopg.Error, match=r"idle-in-transaction|closed"):
             conn.execute("select 1")
         assert conn.closed
+
+
+# --- escapes (issue 13): settings, procedural code, large objects, locks, notifications --------------------
+
+PINNED_ESCAPES = [
+    # (statement(s) in one transaction, the setting named in the refusal)
+    (["set work_mem = '4GB'"], "work_mem"),
+    (["begin", "set local work_mem = '4GB'"], "work_mem"),
+    (["select set_config('work_mem', '4GB', false)"], "work_mem"),
+    (["begin", "select set_config('work_mem', '4GB', true)"], "work_mem"),
+    (["set hash_mem_multiplier = 100"], "hash_mem_multiplier"),
+    (["select set_config('hash_mem_multiplier', '100', false)"], "hash_mem_multiplier"),
+    (["set max_parallel_workers_per_gather = 64"], "max_parallel_workers_per_gather"),
+    (["set default_transaction_read_only = off"], "default_transaction_read_only"),
+    (["select set_config('default_transaction_read_only', 'off', false)"], "default_transaction_read_only"),
+    (["set session characteristics as transaction read write"], "default_transaction_read_only"),
+    (["begin read write"], "transaction_read_only"),
+    (["start transaction read write"], "transaction_read_only"),
+    (["begin", "set transaction read write"], "transaction_read_only"),
+    (["begin", "set transaction_read_only = off"], "transaction_read_only"),
+    (["begin", "reset transaction_read_only"], "transaction_read_only"),
+    # set_config(…, NULL) resets without a check; the next query of the transaction is refused
+    (["begin", "select set_config('transaction_read_only', null, true)", "select 1"], "transaction_read_only"),
+    (["set role tp_analyst", "set work_mem = '4GB'"], "work_mem"),
+    (["select tp_escape.big_work_mem()"], "work_mem"),  # a function's SET clause
+]
+
+
+@pytest.fixture
+def escape_functions(su: psycopg.Connection[dict[str, Any]]) -> Iterator[str]:
+    """Functions an analyst could not create but may be handed: a SET clause, and a plpgsql
+    loop that catches every cancel (what the DO block of the report did)."""
+    schema = "tp_escape"
+    su.execute(sql.SQL("create schema {}").format(sql.Identifier(schema)))
+    su.execute("create function tp_escape.big_work_mem() returns text language sql set work_mem = '4GB'"
+               " as $$ select current_setting('work_mem') $$")
+    su.execute("""
+        create function tp_escape.swallow_cancels(seconds int) returns int language plpgsql as $$
+        declare
+            caught int := 0;
+            stop timestamptz := clock_timestamp() + make_interval(secs => seconds);
+        begin
+            while clock_timestamp() < stop loop
+                begin
+                    perform pg_sleep(0.2);
+                exception when query_canceled then
+                    caught := caught + 1;
+                end;
+            end loop;
+            return caught;
+        end $$""")
+    su.execute("grant usage on schema tp_escape to tp_analyst")
+    su.execute("grant execute on all functions in schema tp_escape to tp_analyst")
+    yield schema
+    su.execute("drop schema tp_escape cascade")
+
+
+def test_pinned_settings_cannot_be_raised_by_any_path(make_analyst: Callable[..., Analyst], escape_functions: str,
+                                                      su: psycopg.Connection[dict[str, Any]]) -> None:
+    a = make_analyst()
+    with connect(a.url) as conn:
+        before = conn.execute("select current_setting('work_mem') as w, current_setting('hash_mem_multiplier') as h,"
+                              " current_setting('default_transaction_read_only') as r").fetchone()
+        escaped = []
+        for statements, setting in PINNED_ESCAPES:
+            try:
+                for statement in statements:
+                    conn.execute(statement)
+                escaped.append(statements)
+            except errors.InsufficientPrivilege as e:
+                assert setting in str(e) and "analysts" in str(e), (statements, str(e))
+            finally:
+                if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                    conn.execute("rollback")
+                conn.execute("reset role")
+        assert escaped == []
+        assert conn.execute("select current_setting('work_mem') as w, current_setting('hash_mem_multiplier') as h,"
+                            " current_setting('default_transaction_read_only') as r").fetchone() == before
+        # Lowering stays allowed, and RESET goes back to the role's value.
+        conn.execute("set work_mem = '1MB'")
+        conn.execute("set hash_mem_multiplier = 1")
+        assert conn.execute("show work_mem").fetchone() == {"work_mem": "1MB"}
+        conn.execute("reset all")
+        assert conn.execute("show work_mem").fetchone() == {"work_mem": before["w"]}
+        # Its own login defaults are not its to change (the watchdog reads them).
+        for statement in ("alter role current_user set work_mem = '4GB'",
+                          "alter role current_user set statement_timeout = 0",
+                          "alter role current_user reset all",
+                          "alter role current_user password 'in-clear-text'",
+                          sql.SQL("alter role {} in database {} set default_transaction_read_only = off")
+                          .format(sql.Identifier(a.name), sql.Identifier(conn.info.dbname))):
+            with pytest.raises(errors.InsufficientPrivilege):
+                conn.execute(statement)
+    role = su.execute("select setconfig from pg_db_role_setting where setrole = %s::regrole", [a.name]).fetchone()
+    assert role is not None and "work_mem=" + before["w"] in role["setconfig"]
+    # Nor can the connection's startup options raise them.
+    for option in ("work_mem=4GB", "default_transaction_read_only=off", "statement_timeout=0"):
+        with pytest.raises(psycopg.OperationalError, match="cannot be set in an analyst's connection options"):
+            connect(a.url, options=f"-c {option}")
+
+
+def test_analysts_run_no_procedural_code(make_analyst: Callable[..., Analyst]) -> None:
+    a = make_analyst()
+    with connect(a.url) as conn:
+        # The reproduction: a DO loop catching every cancel outlived its statement_timeout
+        # (bounded here to 40 s, past the role's 30 s).
+        with pytest.raises(errors.InsufficientPrivilege, match="language plpgsql"):
+            conn.execute("do $$ declare stop timestamptz := clock_timestamp() + interval '40 s';"
+                         " begin while clock_timestamp() < stop loop begin perform pg_sleep(0.5);"
+                         " exception when query_canceled then null; end; end loop; end $$")
+        with pytest.raises(errors.InsufficientPrivilege):
+            conn.execute("do $$ begin perform 1; end $$")
+        langs = conn.execute("select lanname from pg_language where has_language_privilege(lanname, 'usage')"
+                             " and lanname not in ('internal', 'c')").fetchall()
+        assert langs == [{"lanname": "sql"}]
+
+
+def test_the_watchdog_terminates_a_query_that_swallows_its_cancels(
+        make_analyst: Callable[..., Analyst], escape_functions: str) -> None:
+    """Cancelled and still running past its limit plus TP_EXT_ANALYST_CANCEL_GRACE_S (10 s):
+    the watchdog ends the backend, which no exception handler can catch."""
+    a = make_analyst(env={"TP_STATEMENT_TIMEOUT_ANALYST": "1s"})
+    with connect(a.url) as conn:
+        with pytest.raises(psycopg.OperationalError, match=r"terminat|closed|lost"):
+            caught = conn.execute("select tp_escape.swallow_cancels(60) as caught").fetchone()
+            pytest.fail(f"ran to its end, swallowing {caught} cancels")
+        assert conn.closed or conn.broken
+
+
+LARGE_OBJECT_WRITES = [
+    "select lo_from_bytea(0, 'x')", "select lo_create(0)", "select lo_creat(-1)",
+    "select lo_import('/etc/hostname')", "select lo_open(1, 131072)", "select lowrite(0, 'x')",
+    "select lo_put(1, 0, 'x')", "select lo_truncate(0, 0)", "select lo_unlink(1)",
+]
+
+
+def test_large_objects_wal_messages_xids_and_notifications_are_refused(
+        make_analyst: Callable[..., Analyst], su: psycopg.Connection[dict[str, Any]]) -> None:
+    a = make_analyst()
+    before = su.execute("select count(*) as n from pg_largeobject_metadata").fetchone()
+    with connect(a.url) as conn:
+        statements = [*LARGE_OBJECT_WRITES, "select pg_logical_emit_message(true, 'x', 'y')",
+                      "select txid_current()", "select pg_current_xact_id()",
+                      "select pg_notify('pgrst', 'reload schema')", "notify pgrst, 'reload config'", "listen pgrst"]
+        passed = []
+        for statement in statements:
+            try:
+                conn.execute(statement)
+                passed.append(statement)
+            except errors.InsufficientPrivilege:
+                pass
+        assert passed == []
+    assert su.execute("select count(*) as n from pg_largeobject_metadata").fetchone() == before
+
+
+SWEEP_LOCK = 7_340_002  # ext.maintenance.SWEEP_LOCK
+ADVISORY_CALLS = [
+    f"select pg_advisory_lock({SWEEP_LOCK})", f"select pg_try_advisory_lock({SWEEP_LOCK})",
+    f"select pg_advisory_lock_shared({SWEEP_LOCK})", f"select pg_try_advisory_lock_shared({SWEEP_LOCK})",
+    "select pg_advisory_lock(734, 2)", "select pg_try_advisory_lock(734, 2)",
+    "begin; select pg_advisory_xact_lock(7340001)", "begin; select pg_try_advisory_xact_lock(7340001)",
+    "begin; select pg_advisory_xact_lock_shared(7340001)",
+]
+
+
+def test_the_services_advisory_locks_cannot_be_taken(stack: Stack, make_analyst: Callable[..., Analyst],
+                                                     secrets: Any) -> None:
+    a = make_analyst()
+    with connect(a.url) as conn:
+        taken = []
+        for call in ADVISORY_CALLS:
+            try:
+                for statement in call.split("; "):
+                    conn.execute(statement)
+                taken.append(call)
+            except errors.InsufficientPrivilege:
+                pass
+            finally:
+                if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                    conn.execute("rollback")
+        assert taken == []
+    # ext's sweep (as authenticator) still takes its lock.
+    with psycopg.connect(stack.authenticator_url(secrets), autocommit=True) as ext:
+        assert ext.execute("select pg_try_advisory_lock(%s)", [SWEEP_LOCK]).fetchone() == (True,)
+        assert ext.execute("select pg_advisory_unlock(%s)", [SWEEP_LOCK]).fetchone() == (True,)
+
+
+def test_pgaudit_logs_every_analyst_statement(stack: Stack, make_analyst: Callable[..., Analyst]) -> None:
+    a = make_analyst()
+    marker = f"audit-{uuid.uuid4().hex}"
+    with connect(a.url) as conn:
+        conn.execute(sql.SQL("select {} as m").format(sql.Literal(marker))).fetchone()
+        assert conn.execute("show pgaudit.log").fetchone() == {"pgaudit.log": stack.s.analyst_audit_log}
+        with pytest.raises(errors.InsufficientPrivilege):
+            conn.execute("set pgaudit.log = 'none'")
+    log = stack.logfile("postgres")
+    for _ in range(50):  # the server writes its log asynchronously
+        lines = [line for line in log.read_text(errors="replace").splitlines() if marker in line]
+        if any("AUDIT: SESSION" in line for line in lines):
+            break
+        time.sleep(0.1)
+    assert any("AUDIT: SESSION" in line and f"user={a.name}" in line for line in lines), lines
+
+
+# --- the service's own connections (issue 13, item 11) -----------------------------------------------------
+
+def test_authenticator_and_ext_caller_transactions_are_bounded(stack: Stack, secrets: Any,
+                                                               su: psycopg.Connection[dict[str, Any]]) -> None:
+    expected = normalized(su, "statement_timeout", stack.s.statement_timeout_authenticator)
+    assert expected != "0"
+    with psycopg.connect(stack.authenticator_url(secrets)) as conn:
+        assert conn.execute("show statement_timeout").fetchone() == (expected,)
+        # What ext.db.as_caller does: the role switch keeps authenticator's bound.
+        conn.execute("select set_config('role', 'tp_user', true)")
+        assert conn.execute("select current_user, current_setting('statement_timeout')").fetchone() == (
+            "tp_user", expected)
+
+
+def test_the_slow_log_carries_no_bind_parameters(stack: Stack, secrets: Any,
+                                                 su: psycopg.Connection[dict[str, Any]]) -> None:
+    """PostgREST sends request.headers (the bearer token) as a bind parameter; a statement
+    slower than log_min_duration_statement must not write it to the server log."""
+    assert su.execute("show log_parameter_max_length").fetchone() == {"log_parameter_max_length": "0"}
+    marker = f"Bearer tp-secret-{uuid.uuid4().hex}"
+    with psycopg.connect(stack.authenticator_url(secrets), autocommit=True) as conn:
+        conn.execute("select set_config('request.headers', %s, false), pg_sleep(1.2)",
+                     [json.dumps({"authorization": marker})])
+    log = stack.logfile("postgres")
+    for _ in range(50):
+        text = log.read_text(errors="replace")
+        if "pg_sleep(1.2)" in text:
+            break
+        time.sleep(0.1)
+    assert "pg_sleep(1.2)" in text  # the slow statement was logged ...
+    assert marker not in text  # ... without its parameters
+
+
+# --- planner estimates and key prefixes -----------------------------------------------------------------------
+
+def test_planner_estimates_do_not_reveal_other_tenants_table_sizes(
+        world: World, make_user: Callable[..., User], su: psycopg.Connection[dict[str, Any]]) -> None:
+    su.execute("analyze app.suites, app.examples, app.sessions")
+    newcomer = make_user()
+    for path in ("/suites", "/examples", "/sessions"):
+        exact = newcomer.client.get(path, params={"limit": 1}, headers={"Prefer": "count=exact"})
+        assert exact.status_code in (200, 206), exact.text
+        total = exact.headers["content-range"].rsplit("/", 1)[1]
+        for prefer in ("count=planned", "count=estimated", "handling=lenient, count=planned"):
+            r = newcomer.client.get(path, params={"limit": 1}, headers={"Prefer": prefer})
+            assert r.status_code in (200, 206), r.text
+            assert r.headers["content-range"].rsplit("/", 1)[1] == total, (path, prefer, r.headers["content-range"])
+
+
+def test_analysts_see_no_key_prefixes(world: World, make_analyst: Callable[..., Analyst]) -> None:
+    a = make_analyst()
+    with connect(a.url) as conn:
+        assert conn.execute("select count(*) as n from analytics.api_keys where id = %s",
+                            [world.key_id]).fetchone() == {"n": 1}
+        cols = {r["column_name"] for r in conn.execute(
+            "select column_name from information_schema.columns where table_schema = 'analytics'"
+            " and table_name = 'api_keys'").fetchall()}
+        assert "prefix" not in cols and "key_hash" not in cols
+        with pytest.raises(errors.InsufficientPrivilege):
+            conn.execute("select prefix from app.api_keys")
 
 
 def test_migrate_reapplies_the_guards_to_existing_analysts(stack: Stack, stack_env: dict[str, str],
@@ -524,13 +804,17 @@ def test_every_write_is_refused(world: World, make_analyst: Callable[..., Analys
     counts = {t: su.execute(sql.SQL("select count(*) as n from app.{}").format(sql.Identifier(t))).fetchone()
               for t in READABLE_APP_COLUMNS}
     with connect(a.url) as conn:
-        # Sessions are read-only by default (checked before privileges, for DDL) ...
+        # Sessions are read-only, and stay so (tp_guard) ...
         assert conn.execute("show transaction_read_only").fetchone() == {"transaction_read_only": "on"}
         with pytest.raises(errors.ReadOnlySqlTransaction):
             conn.execute("create table analytics.t_read_only (x int)")
-        # ... and privileges refuse every write even in transactions the analyst made writable.
-        conn.execute("set session characteristics as transaction read write")
-        assert conn.execute("show transaction_read_only").fetchone() == {"transaction_read_only": "off"}
+        with pytest.raises(errors.InsufficientPrivilege, match="pinned on for analysts"):
+            conn.execute("set session characteristics as transaction read write")
+    # ... and privileges refuse every write even in a writable transaction: the superuser
+    # takes the analyst's role (only an analyst's own session is held read-only).
+    with psycopg.connect(su.info.dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("set role {}").format(sql.Identifier(a.name)))
+        assert conn.execute("show transaction_read_only").fetchone() == ("off",)
         wrong = []
         for label, by_privilege, statement in statements:
             try:
@@ -548,8 +832,10 @@ def test_every_write_is_refused(world: World, make_analyst: Callable[..., Analys
 
 def test_ddl_and_temporary_objects_are_refused(stack: Stack, make_analyst: Callable[..., Analyst]) -> None:
     a = make_analyst()
-    with connect(a.url) as conn:
-        conn.execute("set session characteristics as transaction read write")
+    # As the analyst's role in a writable transaction (the superuser's SET ROLE): privileges
+    # alone refuse all of it, read-only or not.
+    with psycopg.connect(stack.superuser_conninfo(), autocommit=True) as conn:
+        conn.execute(sql.SQL("set role {}").format(sql.Identifier(a.name)))
         statements = [f"create table {schema}.t_{uuid.uuid4().hex[:6]} (x int)"
                       for schema in (*SCHEMAS, "extensions")]
         statements += [

@@ -7,13 +7,18 @@ the API, through the analyst policies keyed on `current_user` and `app.analysts`
 suites a role is limited to, null for every suite).
 
 Guards: PostgreSQL does not hand ALTER ROLE settings of a group down to its members, so the
-statement timeout, work_mem, temp_file_limit, idle-in-transaction timeout, read-only default
-and the connection limit are set on every analyst login role, at creation and again by every
-migrate (`reapply_guards`, from `migrate.bootstrap`), so a changed setting reaches existing
-analysts. temp_file_limit is superuser-only and holds; statement_timeout and the
-idle-in-transaction timeout are session defaults an analyst could change for itself, so
-ext's watchdog (auth.stop_overrunning_analysts, every few seconds) holds each session to its
-role's values: a query past them is cancelled, an idle transaction ended.
+statement timeout, work_mem, temp_file_limit, idle-in-transaction timeout, read-only default,
+pgaudit.log and the connection limit are set on every analyst login role, at creation and
+again by every migrate (`reapply_guards`, from `migrate.bootstrap`), so a changed setting
+reaches existing analysts. temp_file_limit and pgaudit.log are superuser-only and hold; the
+others are session settings any role may SET, so the cluster preloads tp_guard
+(db/ext/tp_guard), which lets a member of tp_analyst lower them but never raise them or turn
+read-only off, by any path (SET, SET LOCAL, set_config, a function's SET clause, startup
+options, ALTER ROLE ... SET). ext's watchdog (auth.stop_overrunning_analysts, every few
+seconds) holds each session to its role's current values: a query past them is cancelled,
+one still running a grace later (it caught the cancel) terminated, an idle transaction
+ended. What PUBLIC may run by default and an analyst must not (plpgsql, large objects,
+advisory locks, pg_notify) is revoked in db/schema/02_builtins.database.superuser.sql.
 
 Creating and dropping roles needs the superuser connection of the local stack.
 """
@@ -47,6 +52,7 @@ def guard_settings(settings: StackSettings) -> dict[str, str]:
         "temp_file_limit": settings.analyst_temp_file_limit,
         "idle_in_transaction_session_timeout": settings.analyst_idle_in_transaction_timeout,
         "default_transaction_read_only": "on",
+        "pgaudit.log": settings.analyst_audit_log,  # superuser-only: the analyst cannot turn it off
     }
 
 

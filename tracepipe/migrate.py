@@ -2,7 +2,9 @@
 
 1. `db/schema/*.superuser.sql` as a superuser (cluster roles; the only superuser step),
    plus role passwords and per-role statement timeouts from the settings, and the guards of
-   every existing analyst login role (`tracepipe.analysts`).
+   every existing analyst login role (`tracepipe.analysts`); then, in the Tracepipe
+   database itself, `db/schema/*.database.superuser.sql` (privileges on built-ins, which
+   are per database).
 2. `db/migrations/` with yoyo as tp_owner, under yoyo's lock (each migration is its own
    transaction, as yoyo applies them).
 3. Every other `db/schema/*.sql`, then every `db/rls/*.sql`, as tp_owner in ONE
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import psycopg
 from psycopg import sql
+from psycopg.conninfo import make_conninfo
 from yoyo import get_backend, read_migrations
 
 from tracepipe import analysts
@@ -23,11 +26,19 @@ from tracepipe.credentials import StackSecrets
 from tracepipe.settings import REPO_ROOT, StackSettings
 
 DB_DIR = REPO_ROOT / "db"
+DATABASE_SUPERUSER_SUFFIX = ".database.superuser.sql"
 MIGRATION_LOCK = 7_340_001  # advisory lock key: one migrate at a time for schema + rls
 
 
 def superuser_files() -> list[Path]:
-    return sorted((DB_DIR / "schema").glob("*.superuser.sql"))
+    """Cluster-wide superuser files, run in the maintenance database."""
+    return [p for p in sorted((DB_DIR / "schema").glob("*.superuser.sql"))
+            if not p.name.endswith(DATABASE_SUPERUSER_SUFFIX)]
+
+
+def database_superuser_files() -> list[Path]:
+    """Superuser files run in the Tracepipe database (built-ins' privileges are per database)."""
+    return sorted((DB_DIR / "schema").glob("*" + DATABASE_SUPERUSER_SUFFIX))
 
 
 def surface_files() -> list[Path]:
@@ -49,6 +60,7 @@ def bootstrap(superuser_conninfo: str, settings: StackSettings, secrets: StackSe
             "tp_admin": settings.statement_timeout_admin,
             "tp_auth": settings.statement_timeout_user,
             "tp_analyst": settings.statement_timeout_analyst,
+            "authenticator": settings.statement_timeout_authenticator,
         }
         for role, timeout in timeouts.items():
             conn.execute(sql.SQL("alter role {} set statement_timeout = {}").format(sql.Identifier(role), timeout))
@@ -71,6 +83,9 @@ def bootstrap(superuser_conninfo: str, settings: StackSettings, secrets: StackSe
         # ALTER ROLE settings of the tp_analyst group do not reach its members: each analyst's
         # login role carries its own, brought to the current settings here.
         analysts.reapply_guards(conn, settings)
+    with psycopg.connect(make_conninfo(superuser_conninfo, dbname=settings.db_name), autocommit=True) as conn:
+        for path in database_superuser_files():
+            conn.execute(path.read_text())
 
 
 def yoyo_url(owner_url: str) -> str:

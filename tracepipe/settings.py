@@ -63,6 +63,9 @@ class StackSettings(BaseSettings):
     statement_timeout_admin: str = "30s"
     statement_timeout_anon: str = "2s"
     statement_timeout_analyst: str = "30s"
+    statement_timeout_authenticator: str = Field(
+        "60s", description="statement_timeout of authenticator's own sessions: ext's queries as the caller and"
+                           " PostgREST's internal ones (PostgREST applies the caller role's value to requests)")
     # Plans of storefront requests (tp_user; PostgREST applies the role's settings to each
     # request): generic, planned once per connection. PostgREST sends every value as a
     # parameter, and with RLS policies and views a custom plan per request cost ~100 µs of
@@ -74,6 +77,8 @@ class StackSettings(BaseSettings):
     analyst_idle_in_transaction_timeout: str = Field(
         "60s", description="idle_in_transaction_session_timeout of each analyst session")
     analyst_connection_limit: int = Field(3, description="CONNECTION LIMIT of each analyst login role")
+    analyst_audit_log: str = Field("all", description="pgaudit.log of each analyst session: the statement"
+                                                      " classes written to the server log")
 
     ext_workers: int = 2
     scale: int = Field(1, ge=1, le=8, description="instances of PostgREST and of ext behind nginx (make up SCALE=N)")

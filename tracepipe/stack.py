@@ -385,11 +385,20 @@ class Stack:
             self._as_pg_user([str(bindir / "initdb"), "-D", str(self.pg_data), "-U", "postgres",
                               "--auth-local=trust", "--auth-host=scram-sha-256", "-E", "UTF8",
                               "--locale=C.UTF-8"], stdout=subprocess.DEVNULL)
+        pkglib = bindir.parent / "lib"  # Debian's layout: /usr/lib/postgresql/<major>/{bin,lib}
+        for library in ("pgaudit", "tp_guard"):  # shared_preload_libraries below
+            if pkglib.is_dir() and not (pkglib / f"{library}.so").exists():
+                raise StackError(f"PostgreSQL library {library} is not installed in {pkglib}: run `make bootstrap`"
+                                 " (scripts/bootstrap.sh installs pgaudit and builds db/ext/tp_guard)")
         log = self.logfile("postgres")
         # log_line_prefix shows application_name, which carries the proxy's request id.
         opts = (f"-p {self.s.pg_port} -k {self.socket_dir} -c listen_addresses={self.s.host} "
                 f"-c max_connections=200 -c shared_buffers=256MB -c password_encryption=scram-sha-256 "
-                f"-c 'log_line_prefix=%m [%p] app=%a user=%u db=%d ' -c log_min_duration_statement=1s")
+                f"-c 'log_line_prefix=%m [%p] app=%a user=%u db=%d ' -c log_min_duration_statement=1s "
+                # No bind parameters in the slow log: PostgREST's carry request.headers, bearer token
+                # included. pgaudit logs analysts' statements; tp_guard pins their settings
+                # (db/ext/tp_guard, built by scripts/bootstrap.sh).
+                f"-c log_parameter_max_length=0 -c shared_preload_libraries=pgaudit,tp_guard")
         self._as_pg_user([str(bindir / "pg_ctl"), "-D", str(self.pg_data), "-l", str(log), "-o", opts,
                           "-w", "-t", "60", "start"], stdout=subprocess.DEVNULL)
     def _stop_postgres(self) -> None:

@@ -6,8 +6,9 @@
 -- in db/rls/*.sql: every suite, or only the suites app.analysts lists for that role); no
 -- view filters rows itself. Secrets are left out twice: the views never select them, and
 -- tp_analyst holds SELECT only on the non-secret columns of app.* (column privileges), so
--- users.password_hash, api_keys.key_hash and all of app.refresh_tokens are refused even
--- when queried directly. Timestamps are timestamptz; the per-day views count UTC days.
+-- users.password_hash, api_keys.key_hash and api_keys.prefix (what an exchange at
+-- /auth/token names, and what a lockout would target) and all of app.refresh_tokens are
+-- refused even when queried directly. Timestamps are timestamptz; the per-day views count UTC days.
 --
 -- tp_analyst gets USAGE on analytics (these views), app (security_invoker views read the
 -- base tables as the analyst) and auth (the two analyst policy helpers), SELECT on the
@@ -27,10 +28,11 @@ create or replace view analytics.users with (security_invoker = true) as
 comment on view analytics.users is 'People and service accounts (never their password hashes).';
 
 create or replace view analytics.api_keys with (security_invoker = true) as
-    select k.id, k.user_id, k.name, k.prefix, k.suites, k.access, k.expires_at, k.last_used_at,
+    select k.id, k.user_id, k.name, k.suites, k.access, k.expires_at, k.last_used_at,
            k.revoked_at, k.created_at
     from app.api_keys k;
-comment on view analytics.api_keys is 'API keys, revoked ones included (never the secret or its hash).';
+comment on view analytics.api_keys is
+    'API keys, revoked ones included (never the secret, its hash or its public prefix: the prefix names the key at /auth/token).';
 
 create or replace view analytics.suites with (security_invoker = true) as
     select s.id, s.name, s.slug, s.description, s.created_by, s.created_at, s.updated_at
@@ -147,7 +149,7 @@ revoke all on app.users, app.api_keys, app.refresh_tokens, app.suites, app.suite
     from tp_analyst;
 grant select (id, email, display_name, account_role, disabled_at, created_at, updated_at)
     on app.users to tp_analyst;
-grant select (id, user_id, name, prefix, suites, access, expires_at, last_used_at, revoked_at, created_at)
+grant select (id, user_id, name, suites, access, expires_at, last_used_at, revoked_at, created_at)
     on app.api_keys to tp_analyst;
 grant select (id, name, slug, description, created_by, created_at, updated_at) on app.suites to tp_analyst;
 grant select (id, suite_id, user_id, role, created_at, updated_at) on app.suite_members to tp_analyst;
@@ -182,12 +184,17 @@ $$;
 comment on function auth.role_duration_setting(oid, text) is 'A role''s own duration setting (e.g. statement_timeout) as an interval.';
 revoke all on function auth.role_duration_setting(oid, text) from public;
 
--- The analysts' watchdog. statement_timeout and idle_in_transaction_session_timeout are
--- session settings an analyst may change for itself; this holds every analyst session to
--- the values on its login role (set by `tracepipe analyst create` and every migrate):
--- a query running longer is cancelled, a transaction idle longer is ended. ext calls it
--- every TP_EXT_CLEANUP_RETRY_S (5 s). Returns how many sessions it stopped.
-create or replace function auth.stop_overrunning_analysts() returns integer
+-- The analysts' watchdog, a backstop behind tp_guard (db/ext/tp_guard), which already keeps
+-- analysts from raising statement_timeout and idle_in_transaction_session_timeout. It holds
+-- every analyst session to the values on its login role (set by `tracepipe analyst create`
+-- and every migrate; the tp_analyst group's when the login role has none): a query running
+-- longer is cancelled, one still running `grace` after its limit (it caught the cancel, or
+-- ignores it) is terminated, a transaction idle longer is ended. ext calls it every
+-- TP_EXT_CLEANUP_RETRY_S (5 s) with TP_EXT_ANALYST_CANCEL_GRACE_S. Returns how many
+-- sessions it signalled.
+drop function if exists auth.stop_overrunning_analysts();
+create or replace function auth.stop_overrunning_analysts(grace interval default interval '10 seconds')
+    returns integer
     language sql volatile security definer
     set search_path = ''
 as $$
@@ -195,8 +202,12 @@ as $$
     -- past their limit (an inlined CTE let the planner test them on every backend first).
     with analyst_sessions as materialized (
         select a.pid, a.state, a.query_start, a.state_change,
-               auth.role_duration_setting(a.usesysid, 'statement_timeout') as max_runtime,
-               auth.role_duration_setting(a.usesysid, 'idle_in_transaction_session_timeout') as max_idle
+               coalesce(auth.role_duration_setting(a.usesysid, 'statement_timeout'),
+                        auth.role_duration_setting('tp_analyst'::pg_catalog.regrole, 'statement_timeout'))
+                   as max_runtime,
+               coalesce(auth.role_duration_setting(a.usesysid, 'idle_in_transaction_session_timeout'),
+                        auth.role_duration_setting('tp_analyst'::pg_catalog.regrole,
+                                                   'idle_in_transaction_session_timeout')) as max_idle
         from pg_catalog.pg_stat_activity a
         where a.backend_type = 'client backend' and a.pid <> pg_catalog.pg_backend_pid()
           and a.usesysid in (select m.member from pg_catalog.pg_auth_members m
@@ -205,7 +216,10 @@ as $$
     select count(*) filter (where stopped)::integer
     from (
         select case
-                   when l.state = 'active' and l.max_runtime > interval '0'
+                   when l.state in ('active', 'fastpath function call') and l.max_runtime > interval '0'
+                        and l.query_start < now() - l.max_runtime - greatest(grace, interval '0')
+                       then pg_catalog.pg_terminate_backend(l.pid)
+                   when l.state in ('active', 'fastpath function call') and l.max_runtime > interval '0'
                         and l.query_start < now() - l.max_runtime
                        then pg_catalog.pg_cancel_backend(l.pid)
                    when l.state in ('idle in transaction', 'idle in transaction (aborted)')
@@ -216,7 +230,7 @@ as $$
         from analyst_sessions l
     ) signalled
 $$;
-comment on function auth.stop_overrunning_analysts() is
-    'Cancels analyst queries running past their role''s statement_timeout and ends transactions idle past its idle_in_transaction_session_timeout.';
-revoke all on function auth.stop_overrunning_analysts() from public;
-grant execute on function auth.stop_overrunning_analysts() to tp_auth;
+comment on function auth.stop_overrunning_analysts(interval) is
+    'Cancels analyst queries running past their role''s statement_timeout, terminates those still running grace later, and ends transactions idle past its idle_in_transaction_session_timeout.';
+revoke all on function auth.stop_overrunning_analysts(interval) from public;
+grant execute on function auth.stop_overrunning_analysts(interval) to tp_auth;

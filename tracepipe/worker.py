@@ -51,9 +51,14 @@ def _post(client: Client, path: str, body: Mapping[str, Any]) -> Any:
     return r.json()
 
 
-def claim(client: Client, *, limit: int = 1, lease_s: int = 60, wait_s: float = 0) -> list[dict[str, Any]]:
-    """Leases up to `limit` jobs; waits up to `wait_s` seconds for one when none is due."""
-    return list(_post(client, "/pipeline/claim", {"limit": limit, "lease_s": lease_s, "wait_s": wait_s}))
+def claim(client: Client, *, limit: int = 1, lease_s: int = 60, wait_s: float = 0,
+          suite_id: str | None = None) -> list[dict[str, Any]]:
+    """Leases up to `limit` jobs (of one suite's sessions with `suite_id`); waits up to
+    `wait_s` seconds for one when none is due."""
+    body: dict[str, Any] = {"limit": limit, "lease_s": lease_s, "wait_s": wait_s}
+    if suite_id is not None:
+        body["suite_id"] = suite_id
+    return list(_post(client, "/pipeline/claim", body))
 
 
 def requeue(client: Client, reason: str, *, session_id: str | None = None,
@@ -186,7 +191,7 @@ class Job:
         return isinstance(exc, Exception)  # the loop goes on; Ctrl-C and exits do not
 
 
-def jobs(client: Client, *, lease_s: int = 60, wait_s: float = 20, limit: int = 1,
+def jobs(client: Client, *, lease_s: int = 60, wait_s: float = 20, limit: int = 1, suite_id: str | None = None,
          idle_retry_s: float = 2.0, stop: threading.Event | None = None) -> Iterator[Job]:
     """Claims jobs forever (or until `stop` is set), one at a time, each with its lease
     extended in the background while the loop body runs."""
@@ -196,7 +201,7 @@ def jobs(client: Client, *, lease_s: int = 60, wait_s: float = 20, limit: int = 
         while stop is None or not stop.is_set():
             if not pending:
                 try:
-                    leases = claim(client, limit=limit, lease_s=lease_s, wait_s=wait_s)
+                    leases = claim(client, limit=limit, lease_s=lease_s, wait_s=wait_s, suite_id=suite_id)
                 except TracepipeError as e:
                     if e.status == 0 or e.status >= 500:
                         log.warning("claim failed (retrying in %.0f s): %s", idle_retry_s, e)

@@ -80,9 +80,11 @@ grant insert (session_id, suite_id, generation, reason) on app.pipeline_jobs to 
 -- --- leasing -----------------------------------------------------------------------------------
 
 -- Claims up to max_jobs jobs for lease_s seconds: first leases that ran out (their worker
--- died), then due queued or failed jobs, oldest first. A lease that ran out on the last
--- allowed attempt ends the job dead instead.
-create or replace function app.pipeline_claim(p_max_jobs integer, p_lease_s integer, p_max_attempts integer)
+-- died), then due queued or failed jobs, oldest first; only the suite's when p_suite_id is
+-- given (a team's workers for its own suite). A lease that ran out on the last allowed
+-- attempt ends the job dead instead.
+create or replace function app.pipeline_claim(p_max_jobs integer, p_lease_s integer, p_max_attempts integer,
+                                              p_suite_id uuid)
     returns setof app.pipeline_jobs
     language plpgsql volatile
     set search_path = ''
@@ -101,6 +103,7 @@ begin
     with candidate as (
         select x.id from app.pipeline_jobs x
         where x.state = 'leased' and x.lease_expires_at < now()
+          and (p_suite_id is null or x.suite_id = p_suite_id)
         order by x.lease_expires_at
         limit p_max_jobs
         for update skip locked
@@ -119,6 +122,7 @@ begin
         with candidate as (
             select x.id from app.pipeline_jobs x
             where x.state in ('queued', 'failed') and x.run_after <= now()
+              and (p_suite_id is null or x.suite_id = p_suite_id)
             order by x.run_after, x.created_at
             limit p_max_jobs - taken
             for update skip locked
@@ -132,22 +136,24 @@ begin
     end if;
 end
 $$;
-comment on function app.pipeline_claim(integer, integer, integer) is
+comment on function app.pipeline_claim(integer, integer, integer, uuid) is
     'Leases up to max_jobs due jobs (expired leases first) with FOR UPDATE SKIP LOCKED; each lease gets a new token. Cost: two index scans of the partial due/lease indexes.';
-grant execute on function app.pipeline_claim(integer, integer, integer) to tp_pipeline, tp_admin;
+grant execute on function app.pipeline_claim(integer, integer, integer, uuid) to tp_pipeline, tp_admin;
 
 -- When the next job becomes claimable without any new insert (a backoff ends, a lease runs
 -- out): the long-poll sleeps until then at most, so no polling loop is needed.
-create or replace function app.pipeline_next_due() returns timestamptz
+create or replace function app.pipeline_next_due(p_suite_id uuid) returns timestamptz
     language sql stable
     set search_path = ''
 as $$
-    select least((select min(x.run_after) from app.pipeline_jobs x where x.state in ('queued', 'failed')),
-                 (select min(x.lease_expires_at) from app.pipeline_jobs x where x.state = 'leased'))
+    select least((select min(x.run_after) from app.pipeline_jobs x
+                  where x.state in ('queued', 'failed') and (p_suite_id is null or x.suite_id = p_suite_id)),
+                 (select min(x.lease_expires_at) from app.pipeline_jobs x
+                  where x.state = 'leased' and (p_suite_id is null or x.suite_id = p_suite_id)))
 $$;
-comment on function app.pipeline_next_due() is
+comment on function app.pipeline_next_due(uuid) is
     'The earliest run_after of a waiting job or lease_expires_at of a lease, or null. Cost: two partial-index lookups.';
-grant execute on function app.pipeline_next_due() to tp_pipeline, tp_admin;
+grant execute on function app.pipeline_next_due(uuid) to tp_pipeline, tp_admin;
 
 -- The three lease operations answer the updated row, or nothing when the caller does not
 -- hold the job's current lease (ext then answers 409, or 404 for a job it cannot see).

@@ -106,6 +106,7 @@ class Claim(BaseModel):
     limit: int = Field(1, ge=1, description="most jobs to lease (at most TP_EXT_PIPELINE_CLAIM_MAX_JOBS)")
     lease_s: int | None = Field(None, description="lease length in seconds (10..3600 by default)")
     wait_s: float = Field(0, ge=0, description="long-poll up to this many seconds when nothing is due")
+    suite_id: uuid.UUID | None = Field(None, description="only jobs of this suite's sessions")
 
 
 class Extend(BaseModel):
@@ -183,12 +184,13 @@ async def claim(request: Request, caller: CallerDep, pool: PoolDep, settings: Se
         due_in: float | None = None
         try:
             async with as_caller(pool, caller, rid) as conn:
-                cur = await conn.execute("select * from app.pipeline_claim(%s, %s, %s)",
-                                         [body.limit, lease_s, settings.pipeline_max_attempts])
+                cur = await conn.execute("select * from app.pipeline_claim(%s, %s, %s, %s)",
+                                         [body.limit, lease_s, settings.pipeline_max_attempts, body.suite_id])
                 rows = await cur.fetchall()
                 if not rows and body.wait_s > 0:
                     cur = await conn.execute(
-                        "select extract(epoch from app.pipeline_next_due() - now())::float8 as due_in")
+                        "select extract(epoch from app.pipeline_next_due(%s) - now())::float8 as due_in",
+                        [body.suite_id])
                     found = await cur.fetchone()
                     due_in = found["due_in"] if found else None
         except psycopg.errors.InsufficientPrivilege:

@@ -545,6 +545,38 @@ def demo_password(args: argparse.Namespace) -> tuple[str, bool]:
     return secrets.token_urlsafe(12), True
 
 
+def demo_pipeline(args: argparse.Namespace, url: str, log: Callable[[str], None]) -> Client | None:
+    """The pipeline account the demo's worker runs as: --pipeline-key (env
+    TRACEPIPE_PIPELINE_API_KEY), or on the local stack (no --url) the account
+    demo-pipeline@tracepipe.test, made a pipeline account the way `tracepipe user create
+    --role pipeline` does (an operator step on the local database) with a fresh password."""
+    key = args.pipeline_key or os.environ.get("TRACEPIPE_PIPELINE_API_KEY")
+    if key:
+        return Client(url, api_key=key)
+    if args.url:
+        log("pipeline: skipped (pass --pipeline-key, a pipeline account's API key, to run the demo worker)")
+        return None
+    import psycopg
+    from argon2 import PasswordHasher
+
+    from tracepipe import credentials
+    from tracepipe.settings import StackSettings
+    from tracepipe.stack import Stack
+
+    email, password = "demo-pipeline@tracepipe.test", secrets.token_urlsafe(16)
+    stack = Stack(StackSettings())
+    with psycopg.connect(stack.owner_url(credentials.load_or_create(stack.state))) as conn:
+        hashed = PasswordHasher().hash(password)
+        updated = conn.execute("update app.users set password_hash = %s, account_role = 'tp_pipeline',"
+                               " disabled_at = null where email = %s", [hashed, email]).rowcount
+        if not updated:
+            conn.execute("insert into app.users (email, display_name, password_hash, account_role)"
+                         " values (%s, 'Demo pipeline', %s, 'tp_pipeline')", [email, hashed])
+    pipeline = Client(url)
+    pipeline.login(email, password)
+    return pipeline
+
+
 def keep_demo_password(email: str, password: str) -> None:
     path = demo_credentials_path()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -572,6 +604,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
             keep_demo_password(args.email, password)
         log(f"{how} as {args.email}")
         report = demo.load(tp, log)
+        pipeline = demo_pipeline(args, url, log)
+        if pipeline is not None:
+            with pipeline:
+                suite_ids = {slug: tp.list_suites({"slug": f"eq.{slug}"})[0]["id"] for slug in report.suites}
+                demo.run_pipeline(pipeline, suite_ids, report, log)
     if args.json:
         print_json({**report.__dict__, "url": url, "email": args.email, "password": password})
         return EXIT_OK
@@ -583,6 +620,7 @@ demo data in {url} ({report.created} rows added in {report.seconds} s)
   MCP servers  {report.servers} with {report.tools} tools
   sessions     {report.sessions} ({human_bytes(report.session_bytes)} of bundles)
   examples     {report.examples} across {", ".join(report.models)}
+  pipeline     {report.pipeline_jobs} jobs done by a worker this run, {report.pipeline_examples} examples
 
 sign in
   email     {args.email}
@@ -864,3 +902,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--email", default="demo@tracepipe.test", help="the demo account (default %(default)s)")
     p.add_argument("--password", help="its password (default: generated on the first run and kept)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--pipeline-key", help="a pipeline account's API key for the demo worker (env "
+                                          "TRACEPIPE_PIPELINE_API_KEY; default on the local stack: "
+                                          "demo-pipeline@tracepipe.test, created by an operator step)")

@@ -80,6 +80,8 @@ class JobSignal:
                         self.wake()
             except psycopg.Error as e:
                 log.warning("pipeline listener lost its connection: %s", e)
+            except Exception:  # whatever it was, the listener must come back
+                log.exception("pipeline listener failed")
             finally:
                 self.listening = False
             self.wake()

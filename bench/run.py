@@ -453,7 +453,7 @@ def pipeline(run: Run) -> None:
         "begin;", prologue,
         f"select id as job_id, lease_token as token from app.pipeline_claim(1, 60, 5, {sql_literal(sql_suite)}) \\gset",
         "commit;", "begin;", prologue,
-        "select state from app.pipeline_complete(:'job_id', :'token', null);",
+        "select state from app.pipeline_complete(:job_id::uuid, :token::uuid, null);",
         "commit;", ""])
     sql = pgbench(run.bs.authenticator(), script, clients=PIPELINE_WORKERS, jobs=2, duration_s=p.duration_s,
                   warmup_s=p.warmup_s)

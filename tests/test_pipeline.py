@@ -471,3 +471,51 @@ def test_queue_metrics_on_ext_s_prometheus_endpoint_and_in_sql(
         through = conn.execute("select sum(done) as done from analytics.pipeline_throughput"
                                " where suite_id = %s", [team_suite["id"]]).fetchone()
     assert through == {"done": 1}
+
+
+def test_admins_read_and_delete_jobs_people_do_not_delete(make_user: Callable[..., User], person: User,
+                                                          team_suite: dict[str, Any]) -> None:
+    session = upload_session(person, team_suite["id"])
+    admin = make_user("tp_admin")
+    mine = {"session_id": f"eq.{session['id']}"}
+    [job] = admin.client.get("/pipeline/jobs", params=mine).json()
+    r = person.client.delete("/pipeline/jobs", params={"id": f"eq.{job['id']}"})
+    assert r.status_code == 403 and assert_error_body(r)
+    assert len(person.client.get("/pipeline/jobs", params=mine).json()) == 1
+    r = admin.client.delete("/pipeline/jobs", params={"id": f"eq.{job['id']}"})
+    assert r.status_code == 204, r.text
+    assert admin.client.get("/pipeline/jobs", params=mine).json() == []
+
+
+def test_pipeline_run_registers_what_the_command_writes_and_fails_with_its_stderr(
+        stack_env: dict[str, str], person: User, team_suite: dict[str, Any], pipeline_key: str, tp: Client) -> None:
+    sid = team_suite["id"]
+    session = upload_session(person, sid)
+    env = {**stack_env, "PYTHONPATH": str(REPO_ROOT), "TRACEPIPE_API_KEY": pipeline_key}
+    tracepipe = str(Path(sys.executable).parent / "tracepipe")
+    # The command reads the bundle it is given and writes one example line from it.
+    script = ("import json, os, sys, zipfile; z = zipfile.ZipFile(sys.argv[1]);"
+              " m = json.loads(z.read('manifest.json'));"
+              " open(os.environ['TRACEPIPE_OUTPUT'], 'w').write(json.dumps({'messages': ["
+              "{'role': 'user', 'content': os.environ['TRACEPIPE_SESSION_ID']},"
+              " {'role': 'assistant', 'content': m['suite_id']}]}) + '\\n')")
+    r = subprocess.run([tracepipe, "pipeline", "run", "--model", MODEL, "--suite", sid, "--max-jobs", "1",
+                        "--json", "--", sys.executable, "-c", script, "{bundle}"],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout.splitlines()[-1])
+    [example_id] = report["example_ids"]
+    [job] = suite_jobs(tp, sid)
+    assert report["job_id"] == job["id"] and job["state"] == "done" and job["example_ids"] == [example_id]
+    example = tp.get_example(example_id)
+    assert example["job_id"] == job["id"] and example["session_id"] == session["id"]
+    record = next(tp.iter_messages(example_id))
+    assert record["messages"] == [{"role": "user", "content": session["id"]}, {"role": "assistant", "content": sid}]
+
+    upload_session(person, sid)
+    r = subprocess.run([tracepipe, "pipeline", "run", "--model", MODEL, "--suite", sid, "--max-jobs", "1", "--",
+                        sys.executable, "-c", "import sys; sys.exit('no checkout in this session')"],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "exited with status 1" in r.stderr
+    [failed] = suite_jobs(tp, sid, state="eq.failed")
+    assert "no checkout in this session" in failed["last_error"] and failed["attempt"] == 1

@@ -28,6 +28,10 @@ create policy "the pipeline and admins requeue sessions" on app.pipeline_jobs
     for insert to tp_pipeline, tp_admin
     with check ((select auth.can_write()));
 
+drop policy if exists "admins delete jobs" on app.pipeline_jobs;
+create policy "admins delete jobs" on app.pipeline_jobs
+    for delete to tp_admin using ((select auth.can_write()));
+
 drop policy if exists "analysts read the jobs of the suites they may read" on app.pipeline_jobs;
 create policy "analysts read the jobs of the suites they may read" on app.pipeline_jobs
     for select to tp_analyst

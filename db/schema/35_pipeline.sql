@@ -76,6 +76,7 @@ grant update (state, attempt, max_attempts, run_after, lease_token, leased_by, l
               last_error, example_ids, finished_at)
     on app.pipeline_jobs to tp_pipeline, tp_admin;
 grant insert (session_id, suite_id, generation, reason) on app.pipeline_jobs to tp_pipeline, tp_admin;
+grant delete on app.pipeline_jobs, api.pipeline_jobs to tp_admin;
 
 -- --- leasing -----------------------------------------------------------------------------------
 

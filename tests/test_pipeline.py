@@ -124,6 +124,42 @@ def test_every_committed_session_has_one_job_in_its_transaction(
     assert orphans == {"n": 0}, "a session without a job"
 
 
+def test_migration_0007_gives_every_existing_session_its_job(stack: Stack, secrets: Any) -> None:
+    """Sessions committed before the queue existed are backfilled with a queued job."""
+    from psycopg import sql
+    from yoyo import get_backend, read_migrations
+
+    from tracepipe import migrate
+
+    name = f"mig_queue_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(stack.superuser_conninfo("postgres"), autocommit=True) as conn:
+        conn.execute(sql.SQL("create database {} owner tp_owner").format(sql.Identifier(name)))
+        for setting, value in (("tp.jwt_issuer", stack.s.jwt_issuer), ("tp.jwt_audience", stack.s.jwt_audience)):
+            conn.execute(sql.SQL("alter database {} set {} = {}").format(
+                sql.Identifier(name), sql.Identifier(*setting.split(".")), value))
+    url = stack.owner_url(secrets).rsplit("/", 1)[0] + f"/{name}"
+    try:
+        backend = get_backend(migrate.yoyo_url(url))
+        migrations = read_migrations(str(migrate.DB_DIR / "migrations"))
+        before = migrations.__class__([m for m in migrations if m.id < "0007"])
+        with backend.lock():
+            backend.apply_migrations(backend.to_apply(before))
+        with psycopg.connect(url) as conn:
+            user = conn.execute("insert into app.users (email, account_role) values ('old@example.test', 'tp_user')"
+                                " returning id").fetchone()
+            assert user is not None
+            conn.execute("insert into app.sessions (user_id, size_bytes, sha256)"
+                         " select %s, 0, repeat('0', 64) from generate_series(1, 3)", [user[0]])
+        migrate.migrate(url)
+        with psycopg.connect(url) as conn:
+            rows = conn.execute("select j.state, j.generation, j.attempt from app.sessions s"
+                                " left join app.pipeline_jobs j on j.session_id = s.id").fetchall()
+    finally:
+        with psycopg.connect(stack.superuser_conninfo("postgres"), autocommit=True) as conn:
+            conn.execute(sql.SQL("drop database if exists {} with (force)").format(sql.Identifier(name)))
+    assert rows == [("queued", 1, 0)] * 3
+
+
 # --- leasing ------------------------------------------------------------------------------------
 
 def test_eight_workers_over_500_sessions_do_each_exactly_once(

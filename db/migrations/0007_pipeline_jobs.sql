@@ -32,6 +32,8 @@ create table app.pipeline_jobs (
 );
 -- What claim reads: the due jobs in order, and the leases that ran out.
 create index pipeline_jobs_due_idx on app.pipeline_jobs (run_after, created_at) where state in ('queued', 'failed');
+create index pipeline_jobs_suite_due_idx on app.pipeline_jobs (suite_id, run_after, created_at)
+    where state in ('queued', 'failed');
 create index pipeline_jobs_lease_idx on app.pipeline_jobs (lease_expires_at) where state = 'leased';
 create index pipeline_jobs_session_idx on app.pipeline_jobs (session_id, generation);
 create index pipeline_jobs_suite_idx on app.pipeline_jobs (suite_id, created_at desc);

@@ -158,6 +158,7 @@ class Example(TypedDict):
     sha256: str
     metadata: dict[str, Any]
     created_at: str
+    job_id: str | None  # the pipeline job that registered it
 
 
 class ApiKey(TypedDict):

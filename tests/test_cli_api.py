@@ -389,7 +389,7 @@ def test_demo_loads_a_living_sample(env: dict[str, str], demo_run: tuple[Any, st
             assert {e["session_id"] for e in examples} == {s["id"] for s in sessions}
             # The demo's pipeline worker turned every session's job into one example with lineage.
             made = tp.list_examples({"suite_id": f"eq.{sid}", "metadata->>source": "eq.demo pipeline"})
-            assert sorted(e["session_id"] for e in made) == sorted(s["id"] for s in sessions)
+            assert sorted(str(e["session_id"]) for e in made) == sorted(s["id"] for s in sessions)
             assert all(e["job_id"] for e in made)
         servers = tp.list_mcp_servers({"name": "like.demo-*"})
         assert {s["name"] for s in servers} == set(demo.SERVERS)

@@ -13,14 +13,17 @@ import argparse
 import json
 import os
 import platform
+import queue
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -392,6 +395,125 @@ def listing(run: Run, fx: data.Fixtures) -> None:
 
 
 # --- memory and start-up ------------------------------------------------------------------------------------
+# --- the pipeline's queue: claim + complete through the API vs the same SQL via pgbench ----------------
+PIPELINE_WORKERS = 8
+
+
+def _pipeline_account(run: Run) -> tuple[str, dict[str, Any], str]:
+    """A pipeline account's token and claims, and a suite for its jobs (operator steps in SQL)."""
+    fx = data.create_fixtures(run.proxy)
+    with psycopg.connect(run.bs.superuser_dsn, autocommit=True) as conn:
+        conn.execute("update app.users set account_role = 'tp_pipeline' where id = %s", [fx.user_id])
+    token = data.login(run.proxy, fx.email)
+    return token, data.claims_of(token), fx.user_id
+
+
+def _enqueue(run: Run, user_id: str, suite_id: str, n: int) -> None:
+    """n sessions (rows only) in the suite; the trigger gives each its job."""
+    with psycopg.connect(run.bs.superuser_dsn, autocommit=True) as conn:
+        conn.execute("insert into app.sessions (user_id, suite_id, size_bytes, sha256)"
+                     " select %s, %s, 0, repeat('0', 64) from generate_series(1, %s)", [user_id, suite_id, n])
+        conn.execute("analyze app.pipeline_jobs")  # what autovacuum does after a bulk, before the measurement
+
+
+def _new_suite(run: Run, user_id: str) -> str:
+    with psycopg.connect(run.bs.superuser_dsn, autocommit=True) as conn:
+        slug = f"bench-queue-{uuid.uuid4().hex[:8]}"
+        row = conn.execute("insert into app.suites (name, slug, created_by) values (%s, %s, %s) returning id",
+                           [slug, slug, user_id]).fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+def pipeline(run: Run) -> None:
+    run.phase("pipeline queue: claim + complete via the API vs pgbench; long-poll wake-up")
+    p = run.profile
+    token, claims, user_id = _pipeline_account(run)
+    headers = {"Authorization": f"Bearer {token}"}
+    jobs_n = 600 if p.name == "quick" else 3000
+
+    # Throughput: 8 workers drain jobs_n jobs (claim one, complete it), as fast as they can.
+    suite = _new_suite(run, user_id)
+    _enqueue(run, user_id, suite, jobs_n)
+    done = [0] * PIPELINE_WORKERS
+
+    def work(i: int) -> None:
+        with httpx.Client(base_url=run.proxy, headers=headers, timeout=60) as c:
+            while True:
+                r = c.post("/pipeline/claim", json={"suite_id": suite})
+                r.raise_for_status()
+                leases = r.json()
+                if not leases:
+                    return
+                for lease in leases:
+                    c.post(f"/pipeline/jobs/{lease['id']}/complete",
+                           json={"lease_token": lease["lease_token"]}).raise_for_status()
+                    done[i] += 1
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(PIPELINE_WORKERS) as pool:
+        list(pool.map(work, range(PIPELINE_WORKERS)))
+    api_rate = sum(done) / (time.monotonic() - started)
+    if sum(done) != jobs_n:
+        raise BenchError(f"the workers finished {sum(done)} of {jobs_n} jobs")
+
+    # The same two transactions per job through pgbench (8 clients), as tp_pipeline with the
+    # claims and the pre-request hook, on a suite with more jobs than it can take in its run.
+    sql_suite = _new_suite(run, user_id)
+    _enqueue(run, user_id, sql_suite, 40_000 if p.name == "quick" else 120_000)
+    prologue = (f"select set_config('role', 'tp_pipeline', true), set_config('request.jwt.claims', "
+                f"{sql_literal(json.dumps(claims))}, true);\nselect auth.check_request();")
+    script = "\n".join([
+        "begin;", prologue,
+        f"select id as job_id, lease_token as token from app.pipeline_claim(1, 60, 5, {sql_literal(sql_suite)}) \\gset",
+        "commit;", "begin;", prologue,
+        "select state from app.pipeline_complete(:job_id::uuid, :token::uuid, null);",
+        "commit;", ""])
+    sql = pgbench(run.bs.authenticator(), script, clients=PIPELINE_WORKERS, jobs=2, duration_s=p.duration_s,
+                  warmup_s=p.warmup_s)
+    run.meta["pipeline"] = {"api_jobs": jobs_n, "api_jobs_per_s": api_rate, "pgbench": asdict(sql)}
+    run.add("pipeline: claim + complete, 8 workers through the proxy", api_rate, "jobs/s",
+            "same SQL (claim, complete) via pgbench as tp_pipeline, hook included, 8 clients", sql.rps,
+            "≥ 50%", lambda v, r: r is not None and r >= 0.5)
+
+    # Wake-up: one worker long-polls; a session is committed; time until its job is claimed.
+    wake_suite = _new_suite(run, user_id)
+    rounds = 30 if p.name == "quick" else 100
+    arrived: queue.Queue[float] = queue.Queue()
+    stop = threading.Event()
+
+    def poll() -> None:
+        with httpx.Client(base_url=run.proxy, headers=headers, timeout=60) as c:
+            while not stop.is_set():
+                r = c.post("/pipeline/claim", json={"suite_id": wake_suite, "wait_s": 30})
+                r.raise_for_status()
+                for lease in r.json():
+                    arrived.put(time.monotonic())
+                    c.post(f"/pipeline/jobs/{lease['id']}/complete",
+                           json={"lease_token": lease["lease_token"]}).raise_for_status()
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    latencies: list[float] = []
+    with psycopg.connect(run.bs.superuser_dsn, autocommit=True) as conn:
+        for _ in range(rounds):
+            time.sleep(0.1)  # the worker is back in its long-poll
+            t0 = time.monotonic()
+            conn.execute("insert into app.sessions (user_id, suite_id, size_bytes, sha256)"
+                         " values (%s, %s, 0, repeat('0', 64))", [user_id, wake_suite])
+            latencies.append((arrived.get(timeout=60) - t0) * 1000)
+    stop.set()
+    _enqueue(run, user_id, wake_suite, 1)  # ends the last long-poll
+    poller.join(timeout=60)
+    latencies.sort()
+    p50 = latencies[len(latencies) // 2]
+    p99 = latencies[min(len(latencies) - 1, round(0.99 * (len(latencies) - 1)))]
+    run.meta["pipeline"]["wake_ms"] = latencies
+    run.add(f"pipeline: long-poll wake-up, commit to claimed ({rounds} jobs): p50", p50, "ms")
+    run.add(f"pipeline: long-poll wake-up, commit to claimed ({rounds} jobs): p99", p99, "ms", target="< 100 ms",
+            check=lambda v, r: v < 100)
+
+
 def memory(run: Run) -> None:
     run.phase("whole-stack memory")
     by_component = run.bs.pss_by_component()
@@ -466,12 +588,17 @@ def write_results(figures: list[Figure], meta: dict[str, Any], out: Path) -> str
     return md
 
 
+class _Done(Exception):
+    """The phases asked for (--only) are measured."""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a ~2-minute subset (short runs, 64 MiB files)")
     parser.add_argument("--running", action="store_true",
                         help="benchmark the running stack of the TP_* environment instead of a throwaway one")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where latest.{json,md,meta.json} go")
+    parser.add_argument("--only", choices=("pipeline",), help="run only this phase (development)")
     args = parser.parse_args(argv)
     profile = QUICK if args.quick else FULL
     if shutil.which("wrk") is None:
@@ -486,15 +613,21 @@ def main(argv: list[str] | None = None) -> int:
             meta["stack"] = {"owned": bs.owned, "state_dir": str(bs.stack.state),
                              "started_s": round(time.monotonic() - START, 1)}
             fx = data.create_fixtures(run.proxy)
+            if args.only == "pipeline":
+                pipeline(run)
+                raise _Done
             seed(run)
             reads(run, fx)
             auth_token(run, fx)
             upload(run, fx)
             stream(run, fx)
             listing(run, fx)
+            pipeline(run)
             memory(run)
             start_up(run)
             run.phase("done")
+    except _Done:
+        run.phase("done")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     meta["loadavg_end"] = _loadavg()

@@ -111,6 +111,15 @@ class ExtSettings(BaseSettings):
     password_busy_retry_after_s: int = Field(1, ge=1, description="Retry-After of a 503/429 when hashing is busy")
     refresh_grace_s: int = Field(30, ge=0, description="a rotated refresh token retried this soon gets the same "
                                                        "new pair (a lost response), once its successor is unused")
+    pipeline_max_attempts: int = Field(5, description="claims of a job (expired leases count) before it is dead")
+    pipeline_backoff_base_s: float = Field(1.0, description="wait after a job's first failure; doubles per attempt")
+    pipeline_backoff_max_s: float = Field(600.0, description="longest wait between a job's attempts")
+    pipeline_claim_max_jobs: int = Field(100, description="most jobs one POST /pipeline/claim leases")
+    pipeline_lease_min_s: int = Field(10, description="shortest lease a claim or extend may ask for")
+    pipeline_lease_max_s: int = Field(3600, description="longest lease a claim or extend may ask for")
+    pipeline_lease_default_s: int = Field(60, description="lease of a claim that names none")
+    pipeline_wait_max_s: float = Field(60.0, description="longest long-poll of POST /pipeline/claim")
+    pipeline_listen_retry_s: float = Field(1.0, description="delay before the LISTEN connection reconnects")
 
     @model_validator(mode="after")
     def _no_placeholders_in_production(self) -> ExtSettings:

@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from ext import errors, maintenance, observability, tus
 from ext.config import ExtSettings
 from ext.db import make_identity_pool, make_pool
-from ext.routers import api_keys, auth, docs, examples, health, sessions
+from ext.routers import api_keys, auth, docs, examples, health, pipeline, sessions
 from ext.storage import ObjectStore, make_client
 from ext.tokens import KeySet
 
@@ -55,6 +55,7 @@ def create_app(settings: ExtSettings | None = None) -> FastAPI:
     app.include_router(sessions.router)
     app.include_router(examples.router)
     app.include_router(tus.router)
+    app.include_router(pipeline.router)
     app.include_router(docs.router)
     return app
 

@@ -16,7 +16,15 @@ import os
 import time
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
@@ -26,6 +34,17 @@ LATENCY = Histogram("tracepipe_ext_request_seconds", "Time to answer a request (
                     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300))
 BYTES = Counter("tracepipe_ext_bytes_total", "Body bytes received and sent", ["direction", "route"])
 UPLOAD_FAILURES = Counter("tracepipe_ext_upload_failures_total", "Uploads refused or failed", ["route", "status"])
+
+# The pipeline's queue (DESIGN §10). The gauges are read from the database at every scrape
+# (refresh_pipeline_gauges); "mostrecent" keeps the scraping worker's value in multiprocess mode.
+PIPELINE_JOBS = Gauge("tracepipe_pipeline_jobs", "Pipeline jobs per state", ["state"], multiprocess_mode="mostrecent")
+PIPELINE_OLDEST_WAITING = Gauge("tracepipe_pipeline_oldest_waiting_seconds",
+                                "How long the oldest due (queued or failed) job has waited",
+                                multiprocess_mode="mostrecent")
+PIPELINE_CLAIMED = Counter("tracepipe_pipeline_claimed_total", "Jobs leased by POST /pipeline/claim")
+PIPELINE_CLAIM_TO_COMPLETE = Histogram(
+    "tracepipe_pipeline_claim_to_complete_seconds", "Time from a job's claim to its completion",
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600))
 
 
 class JsonFormatter(logging.Formatter):
@@ -52,6 +71,21 @@ def configure_logging(level: str = "INFO") -> None:
     for name in ("uvicorn", "uvicorn.error"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
+
+
+async def refresh_pipeline_gauges(identity_pool: Any) -> None:
+    """Queue depth per state and the oldest due job's age, as of now (one query as tp_auth).
+    A database that does not answer leaves the last values (the scrape itself must not fail)."""
+    try:
+        async with identity_pool.connection(timeout=1.0) as conn:
+            cur = await conn.execute("select state, jobs, oldest_waiting_s from auth.pipeline_queue_stats()")
+            rows = await cur.fetchall()
+    except Exception as e:  # any failure: keep the previous values
+        logging.getLogger("ext.observability").warning("pipeline gauges not refreshed: %s", e)
+        return
+    for row in rows:
+        PIPELINE_JOBS.labels(row["state"]).set(row["jobs"])
+    PIPELINE_OLDEST_WAITING.set(max((row["oldest_waiting_s"] for row in rows), default=0.0))
 
 
 def metrics_response() -> tuple[bytes, str]:

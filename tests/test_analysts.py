@@ -47,7 +47,11 @@ READABLE_APP_COLUMNS = {
     "sessions": {"id", "user_id", "suite_id", "size_bytes", "sha256", "started_at", "ended_at", "event_count",
                  "network_count", "screenshot_count", "files", "metadata", "created_at", "updated_at"},
     "examples": {"id", "session_id", "suite_id", "model", "message_count", "size_bytes", "sha256", "metadata",
-                 "created_at"},
+                 "created_at", "job_id"},
+    # the queue's jobs, never their lease tokens
+    "pipeline_jobs": {"id", "session_id", "suite_id", "state", "generation", "reason", "attempt", "max_attempts",
+                      "run_after", "leased_by", "leased_at", "lease_expires_at", "last_error", "example_ids",
+                      "created_at", "updated_at", "finished_at"},
     "analysts": {"role_name", "suites", "created_at"},
 }
 # A key's prefix is public to its owner, but it names the key at /auth/token (and its lockout).
@@ -63,6 +67,7 @@ TABLE_VIEWS = {
     "action_tool_maps": ("action_tool_maps", "suite_id"),
     "sessions": ("sessions", "suite_id"),
     "examples": ("examples", "suite_id"),
+    "pipeline_jobs": ("pipeline_jobs", "suite_id"),  # every committed session has a job
     "mcp_servers": ("mcp_servers", None),
     "tools": ("tools", None),
 }

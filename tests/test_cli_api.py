@@ -94,7 +94,7 @@ def command_paths() -> list[tuple[list[str], str]]:
 
     for action in build_parser()._actions:
         if isinstance(action, argparse._SubParsersAction):
-            for name in ("key", "suite", "session", "example", "demo"):
+            for name in ("key", "suite", "session", "example", "pipeline", "demo"):
                 walk(action.choices[name], [name])
     return out
 
@@ -377,6 +377,7 @@ def test_demo_loads_a_living_sample(env: dict[str, str], demo_run: tuple[Any, st
     assert key and password, out
     assert f"email     {demo.DEMO_EMAIL}" in out and "demo: signed up as" in r.stderr
     assert re.search(r"rows added in [\d.]+ s", out)
+    assert re.search(r"^  pipeline     9 jobs done by a worker this run, 9 examples$", out, re.M), out
 
     with Client(base_url, api_key=key.group(1)) as tp:
         suites = {s["slug"]: s for s in tp.list_suites({"slug": "like.demo-*"})}
@@ -391,9 +392,13 @@ def test_demo_loads_a_living_sample(env: dict[str, str], demo_run: tuple[Any, st
             assert len(sessions) == demo.SESSIONS_PER_SUITE
             assert all(s["event_count"] >= 800 and s["screenshot_count"] >= 4 and s["network_count"] >= 20
                        for s in sessions)
-            examples = tp.list_examples({"suite_id": f"eq.{sid}"})
+            examples = tp.list_examples({"suite_id": f"eq.{sid}", "metadata->>source": "eq.demo"})
             assert len(examples) == demo.SESSIONS_PER_SUITE * demo.EXAMPLES_PER_SESSION
             assert {e["session_id"] for e in examples} == {s["id"] for s in sessions}
+            # The demo's pipeline worker turned every session's job into one example with lineage.
+            made = tp.list_examples({"suite_id": f"eq.{sid}", "metadata->>source": "eq.demo pipeline"})
+            assert sorted(str(e["session_id"]) for e in made) == sorted(s["id"] for s in sessions)
+            assert all(e["job_id"] for e in made)
         servers = tp.list_mcp_servers({"name": "like.demo-*"})
         assert {s["name"] for s in servers} == set(demo.SERVERS)
         assert sum(len(tp.list_tools(s["id"])) for s in servers) == sum(len(t[3]) for t in demo.SERVERS.values())
@@ -417,6 +422,7 @@ def test_demo_twice_adds_nothing_but_a_key(env: dict[str, str], demo_run: tuple[
     r = run_cli(env, "demo", "--json")
     report = json.loads(r.stdout)
     assert report["created"] == 0 and report["sessions"] == 9 and report["examples"] == 18
+    assert report["pipeline_jobs"] == 0, "the demo sessions' jobs were done by the first run"
     assert report["password"] in first and report["api_key"] != first_key
     assert "signed in as" in r.stderr
     assert httpx.post(f"{base_url}/auth/token", headers={"Authorization": f"ApiKey {first_key}"}).status_code == 401

@@ -48,7 +48,7 @@ exit codes:
   2  wrong usage: unknown command or option, missing argument or credentials
   3  the server cannot be reached, or authentication failed
 
-key, suite, session, example and demo talk to a running stack over HTTP: --url (env
+key, suite, session, example, pipeline and demo talk to a running stack over HTTP: --url (env
 TRACEPIPE_URL; default the local stack's proxy, http://127.0.0.1:8080), authenticated by
 --api-key (TRACEPIPE_API_KEY) or --email/--password (TRACEPIPE_EMAIL, TRACEPIPE_PASSWORD).
 The other commands operate the local stack itself. `tracepipe COMMAND --help` for each."""
@@ -588,6 +588,38 @@ def demo_password(args: argparse.Namespace) -> tuple[str, bool]:
     return secrets.token_urlsafe(12), True
 
 
+def demo_pipeline(args: argparse.Namespace, url: str, log: Callable[[str], None]) -> Client | None:
+    """The pipeline account the demo's worker runs as: --pipeline-key (env
+    TRACEPIPE_PIPELINE_API_KEY), or on the local stack (no --url) the account
+    demo-pipeline@tracepipe.test, made a pipeline account the way `tracepipe user create
+    --role pipeline` does (an operator step on the local database) with a fresh password."""
+    key = args.pipeline_key or os.environ.get("TRACEPIPE_PIPELINE_API_KEY")
+    if key:
+        return Client(url, api_key=key)
+    if args.url:
+        log("pipeline: skipped (pass --pipeline-key, a pipeline account's API key, to run the demo worker)")
+        return None
+    import psycopg
+    from argon2 import PasswordHasher
+
+    from tracepipe import credentials
+    from tracepipe.settings import StackSettings
+    from tracepipe.stack import Stack
+
+    email, password = "demo-pipeline@tracepipe.test", secrets.token_urlsafe(16)
+    stack = Stack(StackSettings())
+    with psycopg.connect(stack.owner_url(credentials.load_or_create(stack.state))) as conn:
+        hashed = PasswordHasher().hash(password)
+        updated = conn.execute("update app.users set password_hash = %s, account_role = 'tp_pipeline',"
+                               " disabled_at = null where email = %s", [hashed, email]).rowcount
+        if not updated:
+            conn.execute("insert into app.users (email, display_name, password_hash, account_role)"
+                         " values (%s, 'Demo pipeline', %s, 'tp_pipeline')", [email, hashed])
+    pipeline = Client(url)
+    pipeline.login(email, password)
+    return pipeline
+
+
 def keep_demo_password(email: str, password: str) -> None:
     path = demo_credentials_path()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -615,6 +647,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
             keep_demo_password(args.email, password)
         log(f"{how} as {args.email}")
         report = demo.load(tp, log)
+        pipeline = demo_pipeline(args, url, log)
+        if pipeline is not None:
+            with pipeline:
+                suite_ids = {slug: tp.list_suites({"slug": f"eq.{slug}"})[0]["id"] for slug in report.suites}
+                demo.run_pipeline(pipeline, suite_ids, report, log)
     if args.json:
         print_json({**report.__dict__, "url": url, "email": args.email, "password": password})
         return EXIT_OK
@@ -626,6 +663,7 @@ demo data in {url} ({report.created} rows added in {report.seconds} s)
   MCP servers  {report.servers} with {report.tools} tools
   sessions     {report.sessions} ({human_bytes(report.session_bytes)} of bundles)
   examples     {report.examples} across {", ".join(report.models)}
+  pipeline     {report.pipeline_jobs} jobs done by a worker this run, {report.pipeline_examples} examples
 
 sign in
   email     {args.email}
@@ -639,6 +677,96 @@ try
   {me} suite show demo-checkout
   {me} example export --suite demo-checkout -o checkout.jsonl""")
     return EXIT_OK
+
+
+# --- pipeline --------------------------------------------------------------------------------------------
+
+JOB_COLUMNS = (("ID", col("id")), ("SESSION", col("session_id")), ("STATE", col("state")),
+               ("GEN", col("generation")), ("ATTEMPT", col("attempt")), ("UPDATED", when("updated_at")),
+               ("LAST ERROR", lambda r: (r.get("last_error") or "").splitlines()[-1:] or ""))
+
+
+def _run_job(tp: Client, job: Any, args: argparse.Namespace) -> bool:
+    """One job through the command: the bundle in, the JSONL it writes registered. True on success."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="tracepipe-job-") as tmp:
+        bundle = job.download_bundle(Path(tmp) / "bundle.zip")
+        output = Path(tmp) / "examples.jsonl"
+        env = {**os.environ, "TRACEPIPE_BUNDLE": str(bundle), "TRACEPIPE_OUTPUT": str(output),
+               "TRACEPIPE_JOB_ID": job.id, "TRACEPIPE_SESSION_ID": job.session_id,
+               "TRACEPIPE_SUITE_ID": job.suite_id or ""}
+        argv = [a.replace("{bundle}", str(bundle)).replace("{output}", str(output)) for a in args.cmd]
+        try:
+            done = subprocess.run(argv, env=env, stdout=sys.stderr, stderr=subprocess.PIPE, text=True,
+                                  errors="replace", timeout=args.timeout)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            job.fail(f"{argv[0]}: {e}")
+            _fail(f"job {job.id}: {e}")
+            return False
+        sys.stderr.write(done.stderr)
+        if done.returncode != 0:
+            job.fail(f"exit status {done.returncode}\n{done.stderr[-4000:]}")
+            _fail(f"job {job.id}: the command exited with status {done.returncode}")
+            return False
+        examples = []
+        if output.is_file() and output.stat().st_size > 0:
+            examples.append(job.register_example(args.model, output, suite_id=args.example_suite))
+        job.complete()
+        print(json.dumps({"job_id": job.id, "session_id": job.session_id,
+                          "example_ids": [e["id"] for e in examples]}) if args.json else
+              f"{job.id}  session {job.session_id}  examples: {' '.join(e['id'] for e in examples) or '-'}",
+              flush=True)
+        return True
+
+
+@command
+def cmd_pipeline_run(args: argparse.Namespace) -> int:
+    if args.cmd and args.cmd[0] == "--":
+        args.cmd = args.cmd[1:]
+    if not args.cmd:
+        raise CliError("give the command to run per job after --, e.g. "
+                       "tracepipe pipeline run --model m -- ./make-examples {bundle} {output}", EXIT_USAGE)
+    failures = handled = 0
+    with connect(args) as tp:
+        suite = suite_id(tp, args.suite) if args.suite else None
+        for job in tp.jobs(lease_s=args.lease_s, wait_s=args.wait_s, suite_id=suite):
+            with job:
+                if not _run_job(tp, job, args):
+                    failures += 1
+            handled += 1
+            if args.max_jobs and handled >= args.max_jobs:
+                break
+    return EXIT_FAILED if failures else EXIT_OK
+
+
+@command
+def cmd_pipeline_jobs(args: argparse.Namespace) -> int:
+    from tracepipe.worker import list_jobs
+
+    filters = {"order": "updated_at.desc", "limit": str(args.limit)}
+    if args.state:
+        filters["state"] = f"eq.{args.state}"
+    if args.session:
+        filters["session_id"] = f"eq.{args.session}"
+    with connect(args) as tp:
+        if args.suite:
+            filters["suite_id"] = f"eq.{suite_id(tp, args.suite)}"
+        rows = list_jobs(tp, filters)
+    return emit(args, rows, lambda: print_table(rows, JOB_COLUMNS, "no jobs"))
+
+
+@command
+def cmd_pipeline_requeue(args: argparse.Namespace) -> int:
+    from tracepipe.worker import requeue
+
+    if not (args.session or args.suite):
+        raise CliError("name --session or --suite to requeue", EXIT_USAGE)
+    with connect(args) as tp:
+        suite = suite_id(tp, args.suite) if args.suite else None
+        result = requeue(tp, args.reason, session_id=args.session, suite_id=suite)
+    return emit(args, result, lambda: print(f"requeued {result['requeued']} session(s)"))
 
 
 # --- the parser -----------------------------------------------------------------------------------------
@@ -669,7 +797,7 @@ def _add(sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, he
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Adds key, suite, session, example and demo to the `tracepipe` parser."""
+    """Adds key, suite, session, example, pipeline and demo to the `tracepipe` parser."""
     conn = _connection_options()
     transfer = _connection_options(progress=True)
 
@@ -786,6 +914,39 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="only one part of a deterministic split by example id (default: all)")
     p.add_argument("--validation-percent", type=int, metavar="N", help="size of the validation part (default 10)")
 
+    pipeline = _add(sub, "pipeline", "the Session-to-Example pipeline's queue (a pipeline account's key)")
+    pipelines = pipeline.add_subparsers(dest="pipeline_command", required=True, metavar="ACTION")
+    p = _add(pipelines, "run", "work the queue: run a command per job and register the JSONL it writes",
+             parents=[conn], func=cmd_pipeline_run, path="pipeline run",
+             epilog="Per job the session's bundle is downloaded; the command gets its path in\n"
+                    "TRACEPIPE_BUNDLE (or {bundle} in its arguments) and writes examples to\n"
+                    "TRACEPIPE_OUTPUT ({output}), which is registered with the job's id. Also set:\n"
+                    "TRACEPIPE_JOB_ID, TRACEPIPE_SESSION_ID, TRACEPIPE_SUITE_ID. Exit status 0\n"
+                    "completes the job; any other fails it with the command's stderr (retried\n"
+                    "after a backoff, dead after the server's max attempts). The lease is extended\n"
+                    "while the command runs.\n\n"
+                    "example:\n  tracepipe pipeline run --model gpt-4o-mini -- ./to-examples {bundle} {output}")
+    p.add_argument("--model", required=True, help="the model the examples are for")
+    p.add_argument("--suite", help="only jobs of this suite's sessions (id or slug)")
+    p.add_argument("--example-suite", metavar="ID",
+                   help="register examples in this suite (default: the session's suite)")
+    p.add_argument("--lease-s", type=int, default=60, help="lease length, extended while running (default 60)")
+    p.add_argument("--wait-s", type=float, default=20, help="long-poll length of each claim (default 20)")
+    p.add_argument("--max-jobs", type=int, default=0, help="stop after this many jobs (default: run forever)")
+    p.add_argument("--timeout", type=float, default=None, help="fail a job whose command runs longer (seconds)")
+    p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- COMMAND", help="the command and its arguments")
+    p = _add(pipelines, "jobs", "pipeline jobs, newest change first (people: those of their own sessions)",
+             parents=[conn], func=cmd_pipeline_jobs, path="pipeline jobs")
+    p.add_argument("--state", choices=("queued", "leased", "done", "failed", "dead"))
+    p.add_argument("--suite", help="id or slug")
+    p.add_argument("--session", metavar="ID")
+    p.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
+    p = _add(pipelines, "requeue", "enqueue a new generation of jobs (e.g. after a new pipeline version)",
+             parents=[conn], func=cmd_pipeline_requeue, path="pipeline requeue")
+    p.add_argument("--session", metavar="ID")
+    p.add_argument("--suite", help="every session of this suite (id or slug)")
+    p.add_argument("--reason", required=True, help="why, kept with the jobs (e.g. 'pipeline v2')")
+
     p = _add(sub, "demo", "load a realistic sample into the running stack and print how to sign in to it",
              func=cmd_demo,
              epilog="Three suites with actions, four MCP servers with tools, bindings, nine sessions uploaded\n"
@@ -796,3 +957,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--email", default="demo@tracepipe.test", help="the demo account (default %(default)s)")
     p.add_argument("--password", help="its password (default: generated on the first run and kept)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--pipeline-key", help="a pipeline account's API key for the demo worker (env "
+                                          "TRACEPIPE_PIPELINE_API_KEY; default on the local stack: "
+                                          "demo-pipeline@tracepipe.test, created by an operator step)")

@@ -34,9 +34,12 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypedDict, cast
+from typing import TYPE_CHECKING, Any, Literal, TypedDict, cast
 
 import httpx
+
+if TYPE_CHECKING:
+    from tracepipe.worker import Job
 
 __all__ = [
     "Action",
@@ -187,6 +190,7 @@ class Example(TypedDict):
     sha256: str
     metadata: dict[str, Any]
     created_at: str
+    job_id: str | None  # the pipeline job that registered it
 
 
 class ApiKey(TypedDict):
@@ -804,16 +808,24 @@ class Client:
     # -- examples
     def register_example(self, suite_id: str, model: str, jsonl: str | os.PathLike[str] | bytes, *,
                          session_id: str | None = None, metadata: Mapping[str, Any] | None = None,
-                         idempotency_key: str | None = None, progress: Progress | None = None) -> Example:
+                         idempotency_key: str | None = None, progress: Progress | None = None,
+                         job_id: str | None = None) -> Example:
         """Registers an example: `jsonl` is a file path (streamed) or the bytes themselves.
         The server validates every line and names the first bad one (TracepipeError 422 with
         the line number in `details`); nothing is stored then. Retried like uploads."""
-        params = {"suite_id": suite_id, "model": model, "session_id": session_id,
+        params = {"suite_id": suite_id, "model": model, "session_id": session_id, "job_id": job_id,
                   "metadata": json.dumps(dict(metadata)) if metadata is not None else None}
         key = idempotency_key or str(uuid.uuid4())
         source = jsonl if isinstance(jsonl, bytes) else Path(jsonl)
         r = self._upload("/examples", source, "application/jsonl", params, key, progress)
         return cast(Example, r.json())
+
+    def jobs(self, **options: Any) -> Iterator[Job]:
+        """The pipeline's worker loop (a pipeline account's key): `for job in tp.jobs(): with job: ...`.
+        Options and behaviour: `tracepipe.worker.jobs`."""
+        from tracepipe.worker import jobs
+
+        return jobs(self, **options)
 
     def get_example(self, example_id: str) -> Example:
         return cast(Example, self._json("GET", f"/examples/{example_id}"))

@@ -252,6 +252,8 @@ class DemoReport:
     examples: int = 0
     models: list[str] = field(default_factory=list)
     created: int = 0  # rows this run added (0 on a re-run)
+    pipeline_jobs: int = 0  # jobs the demo's pipeline worker finished in this run
+    pipeline_examples: int = 0
     api_key: str = ""
     api_key_id: str = ""
     seconds: float = 0.0
@@ -402,6 +404,33 @@ def _examples(tp: Client, suite_ids: dict[str, str], sessions: dict[str, Session
                     report.created += 1
                 report.examples += 1
     log(f"examples: {report.examples} across {len(MODELS)} models")
+
+
+def run_pipeline(pipeline: Client, suite_ids: dict[str, str], report: DemoReport, log: Log = lambda _: None) -> None:
+    """A pipeline worker over the demo suites' queued jobs (every uploaded session has one):
+    it downloads each session's bundle, makes one example of it and registers it with the
+    job (lineage: example -> job -> session), until no job is due. A re-run finds none."""
+    import zipfile
+
+    from tracepipe.worker import Job, claim
+
+    by_id = {suite_ids[spec.slug]: spec for spec in SUITES if spec.slug in suite_ids}
+    with tempfile.TemporaryDirectory(prefix="tp-demo-pipeline-") as tmp:
+        for suite_id, spec in by_id.items():
+            while leases := claim(pipeline, limit=10, lease_s=60, suite_id=suite_id):
+                for lease in leases:
+                    job = Job(pipeline, lease, 60)
+                    job.start_heartbeat()
+                    with job:
+                        bundle = job.download_bundle(Path(tmp) / f"{job.id}.zip")
+                        with zipfile.ZipFile(bundle) as zf:
+                            events = sum(1 for _ in zf.read("events.jsonl").splitlines())
+                        job.register_example(MODELS[0], example_jsonl(spec, events, 2),
+                                             metadata={"source": "demo pipeline", "events": events})
+                    report.pipeline_jobs += 1
+                    report.pipeline_examples += len(job.example_ids)
+    log(f"pipeline: a worker finished {report.pipeline_jobs} jobs into {report.pipeline_examples} examples"
+        if report.pipeline_jobs else "pipeline: no job due (the demo sessions were processed before)")
 
 
 def _api_key(tp: Client, report: DemoReport) -> None:

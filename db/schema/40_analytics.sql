@@ -234,3 +234,65 @@ comment on function auth.stop_overrunning_analysts(interval) is
     'Cancels analyst queries running past their role''s statement_timeout, terminates those still running grace later, and ends transactions idle past its idle_in_transaction_session_timeout.';
 revoke all on function auth.stop_overrunning_analysts(interval) from public;
 grant execute on function auth.stop_overrunning_analysts(interval) to tp_auth;
+
+-- --- the pipeline's work queue (app.pipeline_jobs, DESIGN §10) ---------------------------------
+-- Lineage reads example -> job -> session: analytics.example_lineage names the job and the
+-- session of every example; analytics.pipeline_jobs joins to analytics.sessions by session_id.
+
+create or replace view analytics.pipeline_jobs with (security_invoker = true) as
+    select j.id, j.session_id, j.suite_id, j.state, j.generation, j.reason, j.attempt, j.max_attempts,
+           j.run_after, j.leased_by, j.leased_at, j.lease_expires_at, j.last_error, j.example_ids,
+           j.created_at, j.updated_at, j.finished_at,
+           extract(epoch from j.finished_at - j.leased_at)::double precision as claim_to_finish_s
+    from app.pipeline_jobs j;
+comment on view analytics.pipeline_jobs is
+    'Pipeline jobs (never their lease tokens); claim_to_finish_s is the last lease''s time from claim to done or dead.';
+
+create or replace view analytics.pipeline_throughput with (security_invoker = true) as
+    select j.suite_id, date_trunc('hour', j.finished_at at time zone 'UTC') as hour,
+           count(*) filter (where j.state = 'done') as done,
+           count(*) filter (where j.state = 'dead') as dead,
+           sum(j.attempt) as attempts,
+           percentile_cont(0.5) within group (order by extract(epoch from j.finished_at - j.leased_at))
+               filter (where j.state = 'done') as p50_claim_to_complete_s,
+           percentile_cont(0.99) within group (order by extract(epoch from j.finished_at - j.leased_at))
+               filter (where j.state = 'done') as p99_claim_to_complete_s
+    from app.pipeline_jobs j
+    where j.finished_at is not null
+    group by j.suite_id, date_trunc('hour', j.finished_at at time zone 'UTC');
+comment on view analytics.pipeline_throughput is
+    'Finished jobs per suite and UTC hour: done, dead, attempts spent, claim-to-complete latency p50/p99.';
+
+create or replace view analytics.pipeline_failures with (security_invoker = true) as
+    select j.id, j.session_id, j.suite_id, j.state, j.generation, j.attempt, j.max_attempts,
+           j.last_error, j.run_after as retry_at, j.updated_at
+    from app.pipeline_jobs j
+    where j.state in ('failed', 'dead') or (j.last_error is not null and j.state <> 'done');
+comment on view analytics.pipeline_failures is
+    'Jobs waiting to retry (failed) or out of attempts (dead), with their last error.';
+
+create or replace view analytics.pipeline_queue with (security_invoker = true) as
+    select s.state, count(j.id) as jobs,
+           coalesce(extract(epoch from now() - min(j.run_after)
+                    filter (where j.state in ('queued', 'failed') and j.run_after <= now())), 0)::double precision
+               as oldest_waiting_s
+    from (values ('queued'), ('leased'), ('done'), ('failed'), ('dead')) s (state)
+    left join app.pipeline_jobs j on j.state = s.state
+    group by s.state;
+comment on view analytics.pipeline_queue is 'Queue depth per state and how long the oldest due job has waited (the Prometheus gauges as SQL).';
+
+create or replace view analytics.example_lineage with (security_invoker = true) as
+    select e.id as example_id, e.created_at, e.suite_id, e.model, e.sha256,
+           e.job_id, j.generation, j.reason, j.state as job_state, j.finished_at as job_finished_at,
+           coalesce(j.session_id, e.session_id) as session_id
+    from app.examples e
+    left join app.pipeline_jobs j on j.id = e.job_id;
+comment on view analytics.example_lineage is 'Example -> job (generation, reason) -> session.';
+
+revoke all on app.pipeline_jobs from tp_analyst;
+grant select (id, session_id, suite_id, state, generation, reason, attempt, max_attempts, run_after, leased_by,
+              leased_at, lease_expires_at, last_error, example_ids, created_at, updated_at, finished_at)
+    on app.pipeline_jobs to tp_analyst;
+grant select (job_id) on app.examples to tp_analyst;
+grant select on analytics.pipeline_jobs, analytics.pipeline_throughput, analytics.pipeline_failures,
+    analytics.pipeline_queue, analytics.example_lineage to tp_analyst;

@@ -53,6 +53,7 @@ class ExampleMeta(BaseModel):
     suite_id: uuid.UUID
     model: str = Field(min_length=1, max_length=200)
     session_id: uuid.UUID | None = None
+    job_id: uuid.UUID | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -85,19 +86,46 @@ class _ValidatingSink:
         await self.upload.write(data)
 
 
+async def _job_lineage(conn: psycopg.AsyncConnection[Any], meta: ExampleMeta) -> None:
+    """An example registered for a pipeline job belongs to the job's session."""
+    if meta.job_id is None:
+        return
+    cur = await conn.execute("select session_id from api.pipeline_jobs where id = %s", [meta.job_id])
+    job = await cur.fetchone()
+    if job is None:
+        raise ApiError(422, "TP422", "job_id does not exist or you may not see it", {"field": "job_id"},
+                       "Pass the id of the job POST /pipeline/claim leased to you.")
+    if meta.session_id is None:
+        meta.session_id = job["session_id"]
+    elif meta.session_id != job["session_id"]:
+        raise ApiError(422, "TP422", "session_id is not the session of job_id", {"field": "session_id"},
+                       "Leave session_id out: it is taken from the job.")
+
+
 async def _insert(conn: psycopg.AsyncConnection[Any], example_id: str, meta: ExampleMeta, lines: int, size: int,
                   sha256: str) -> dict[str, Any]:
+    """Inserts the row; for a job that already registered the same content, answers that
+    example's row instead (registration with a job_id is idempotent)."""
     try:
-        await conn.execute(
-            "insert into app.examples (id, session_id, suite_id, model, message_count, size_bytes, sha256, metadata)"
-            " values (%s, %s, %s, %s, %s, %s, %s, %s)",
-            [example_id, meta.session_id, meta.suite_id, meta.model, lines, size, sha256, Jsonb(meta.metadata)])
+        await _job_lineage(conn, meta)
+        cur = await conn.execute(
+            "insert into app.examples (id, session_id, suite_id, model, message_count, size_bytes, sha256, metadata,"
+            " job_id) values (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
+            " on conflict (job_id, sha256) do nothing returning id",
+            [example_id, meta.session_id, meta.suite_id, meta.model, lines, size, sha256, Jsonb(meta.metadata),
+             meta.job_id])
+        if await cur.fetchone() is None:
+            cur = await conn.execute("select id from app.examples where job_id = %s and sha256 = %s",
+                                     [meta.job_id, sha256])
+            existing = await cur.fetchone()
+            assert existing is not None
+            return await api_row(conn, "examples", str(existing["id"]))
     except psycopg.errors.InsufficientPrivilege:
         raise ApiError(403, "42501", "you may not register examples in this suite or for this session",
                        "registering needs a pipeline account or the editor role in the suite, a token that may "
                        "write to it, and a session_id (if any) of a session you can read") from None
     except psycopg.errors.ForeignKeyViolation:
-        raise ApiError(422, "TP422", "session_id or suite_id does not exist", None) from None
+        raise ApiError(422, "TP422", "session_id, suite_id or job_id does not exist", None) from None
     return await api_row(conn, "examples", example_id)
 
 
@@ -106,13 +134,15 @@ async def _insert(conn: psycopg.AsyncConnection[Any], example_id: str, meta: Exa
                  "application/jsonl": {"schema": {"type": "string", "format": "binary"}},
                  "multipart/form-data": {"schema": {"type": "object", "required": ["metadata", "messages"],
                                                     "properties": {
-                     "metadata": {"type": "string", "description": "JSON {suite_id, model, session_id?, metadata?}"},
+                     "metadata": {"type": "string",
+                                  "description": "JSON {suite_id, model, session_id?, job_id?, metadata?}"},
                      "messages": {"type": "string", "format": "binary"}}}}}}})
 async def register_example(
     request: Request, caller: CallerDep, pool: PoolDep, settings: SettingsDep, store: StoreDep, rid: RequestIdDep,
     suite_id: Annotated[str | None, Query(description="raw bodies: the suite")] = None,
     model: Annotated[str | None, Query(description="raw bodies: the model")] = None,
     session_id: Annotated[str | None, Query(description="raw bodies: the session it came from")] = None,
+    job_id: Annotated[str | None, Query(description="raw bodies: the pipeline job that produced it")] = None,
     metadata: Annotated[str | None, Query(description="raw bodies: JSON object kept with the example")] = None,
     idempotency_key: Annotated[str | None, Header()] = None,
 ) -> Response:
@@ -124,7 +154,7 @@ async def register_example(
     example_id = str(uuid.uuid4())
     meta: ExampleMeta | None = None
     if kind == "raw":
-        extra: dict[str, Any] = {"suite_id": suite_id, "model": model, "session_id": session_id}
+        extra: dict[str, Any] = {"suite_id": suite_id, "model": model, "session_id": session_id, "job_id": job_id}
         if metadata is not None:
             try:
                 extra["metadata"] = json.loads(metadata)
@@ -156,13 +186,16 @@ async def register_example(
         digest = request_digest(stored.sha256, meta.model_dump(mode="json"))
         async with as_caller(pool, caller, rid) as conn:
             row = await _insert(conn, example_id, meta, validating.lines.lines, stored.size, stored.sha256)
-            await remember_result(conn, "examples", key, digest, example_id, row)
+            await remember_result(conn, "examples", key, digest, row["id"], row)
     except ConcurrentRetry:
         await upload.abort()
         return await replay_winner(pool, caller, rid, "examples", key or "", digest)
     except BaseException:
         await upload.abort()
         raise
+    if row["id"] != example_id:  # the job registered this content before: one example, ours is a copy
+        await store.delete(example_key(example_id))
+        return JSONResponse(row, status_code=200, headers={"Location": f"/examples/{row['id']}"})
     return JSONResponse(row, status_code=201, headers={"Location": f"/examples/{example_id}"})
 
 

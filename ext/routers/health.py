@@ -10,7 +10,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from ext.deps import PoolDep, SettingsDep
-from ext.observability import metrics_response
+from ext.observability import metrics_response, refresh_pipeline_gauges
 from ext.storage import bucket_reachable
 
 router = APIRouter(tags=["health"])
@@ -57,6 +57,7 @@ async def ready(request: Request, pool: PoolDep, settings: SettingsDep) -> JSONR
 
 @router.get("/metrics", summary="Prometheus metrics of every ext worker (ext's port only; not routed by the proxy)",
             include_in_schema=False)
-async def metrics() -> Response:
+async def metrics(request: Request) -> Response:
+    await refresh_pipeline_gauges(request.app.state.identity_pool)
     body, content_type = metrics_response()
     return Response(body, media_type=content_type)

@@ -82,8 +82,9 @@ def add_viewer(superuser_dsn: str, user_id: str, suite_slug: str) -> str:
     with psycopg.connect(superuser_dsn, autocommit=True) as conn:
         row = conn.execute("select id from app.suites where slug = %s", [suite_slug]).fetchone()
         assert row is not None, suite_slug
-        conn.execute("insert into app.suite_members (suite_id, user_id, role) values (%s, %s, 'viewer')"
-                     " on conflict do nothing", [row[0], user_id])
+        conn.execute("insert into app.suite_members (suite_id, user_id, invitee, role, accepted, accepted_at)"
+                     " values (%s, %s, %s, 'viewer', true, now())"
+                     " on conflict do nothing", [row[0], user_id, user_id])
     return str(row[0])
 
 

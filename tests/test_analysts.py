@@ -38,7 +38,7 @@ READABLE_APP_COLUMNS = {
     "api_keys": {"id", "user_id", "name", "suites", "access", "expires_at", "last_used_at", "revoked_at",
                  "created_at"},
     "suites": {"id", "name", "slug", "description", "created_by", "created_at", "updated_at"},
-    "suite_members": {"id", "suite_id", "user_id", "role", "created_at", "updated_at"},
+    "suite_members": {"id", "suite_id", "user_id", "role", "created_at", "updated_at", "accepted", "accepted_at"},
     "actions": {"id", "suite_id", "name", "description", "input_schema", "created_at", "updated_at"},
     "mcp_servers": {"id", "name", "url", "transport", "description", "created_by", "created_at", "updated_at"},
     "tools": {"id", "mcp_server_id", "name", "description", "input_schema", "created_at", "updated_at"},

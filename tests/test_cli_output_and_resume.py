@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from tests.bundles import write_large_bundle
-from tests.conftest import User, create_suite, run_cli, unique
+from tests.conftest import User, add_member, create_suite, run_cli, unique
 from tracepipe.client import Client, TracepipeError
 from tracepipe.stack import Stack
 
@@ -39,8 +39,7 @@ def test_other_peoples_strings_are_escaped_in_every_human_output(env: dict[str, 
                                                                  make_user: Callable[..., User]) -> None:
     owner, member = make_user(), make_user()
     suite = create_suite(owner, name=f"Shared {ESCAPES}", description=f"line one\nforged line {ESCAPES}")
-    r = owner.client.post(f"/suites/{suite['id']}/members", json={"user_id": member.id, "role": "viewer"})
-    assert r.status_code == 201, r.text
+    add_member(owner, suite["id"], member, "viewer")
     r = owner.client.post(f"/suites/{suite['id']}/actions", json={"name": f"act {ESCAPES}"})
     assert r.status_code == 201, r.text
     login = as_login(env, member)

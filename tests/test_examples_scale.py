@@ -24,8 +24,9 @@ def seeded(stack_env: dict[str, str], superuser_dsn: str, make_user: Callable[..
     with psycopg.connect(superuser_dsn, autocommit=True, row_factory=dict_row) as su:
         suite = su.execute("select id from app.suites where slug = 'scale-suite-0042'").fetchone()
         assert suite is not None
-        su.execute("insert into app.suite_members (suite_id, user_id, role) values (%s, %s, 'viewer')",
-                   [suite["id"], member.id])
+        su.execute("insert into app.suite_members (suite_id, user_id, invitee, role, accepted, accepted_at)"
+                     " values (%s, %s, %s, 'viewer', true, now())",
+                   [suite["id"], member.id, member.id])
     yield {"member": member, "suite_id": str(suite["id"])}
 
 

@@ -381,11 +381,12 @@ def test_invisible_sessions_are_404(recorded: tuple[bytes, dict[str, Any]], stra
     r = stranger.client.delete(f"/sessions/{sid}")
     assert r.status_code == 404, r.text
     assert_error_body(r)
-    for path in (f"/sessions/{uuid.uuid4()}/bundle", "/sessions/not-a-uuid/bundle",
-                 f"/sessions/{uuid.uuid4()}/files/events.jsonl"):
+    for path in (f"/sessions/{uuid.uuid4()}/bundle", f"/sessions/{uuid.uuid4()}/files/events.jsonl"):
         r = uploader.client.get(path)
         assert r.status_code == 404, (path, r.status_code, r.text)
         assert_error_body(r)
+    r = uploader.client.get("/sessions/not-a-uuid/bundle")  # a malformed id names the parameter (DESIGN §9)
+    assert r.status_code == 400 and "id" in assert_error_body(r)["details"], r.text
     r = uploader.client.delete(f"/sessions/{uuid.uuid4()}")
     assert r.status_code == 404
     # Still there for its uploader.

@@ -6,7 +6,10 @@ alter table app.suites force row level security;
 drop policy if exists "members read their suites" on app.suites;
 create policy "members read their suites" on app.suites
     for select to tp_user
-    using (id = any ((select auth.suites_with('viewer'))::uuid[]));
+    using (id = any ((select auth.suites_with('viewer'))::uuid[])
+           -- a suite this statement created: the once-per-statement list above was read before
+           -- the owner rows of a bulk insert's later suites (per row, and only for one's own)
+           or (created_by = (select auth.uid()) and id = any (auth.suites_with('viewer'))));
 
 drop policy if exists "the pipeline and admins read every suite" on app.suites;
 create policy "the pipeline and admins read every suite" on app.suites

@@ -215,8 +215,12 @@ begin
         perform set_config('application_name', 'tracepipe ' || request_id, true);
     end if;
     if (c - 'role') = '{}'::jsonb and coalesce(claimed_role, 'anon') = 'anon' then
-        -- anonymous: anon holds no privileges, so say what is missing (not "permission denied")
-        perform auth.reject('credentials are required');
+        -- anonymous: anon holds no privileges, so say what is missing (not "permission denied");
+        -- PostgREST's root (its OpenAPI description, which ext merges into /openapi.json) is public
+        if coalesce(current_setting('request.path', true), '/') not in ('/', '') then
+            perform auth.reject('credentials are required');
+        end if;
+        return;
     end if;
     if claimed_role is null or claimed_role not in ('tp_user', 'tp_pipeline', 'tp_admin') then
         perform auth.reject('the token''s role is not one a token may carry');

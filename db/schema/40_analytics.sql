@@ -27,6 +27,9 @@ create or replace view analytics.users with (security_invoker = true) as
     from app.users u;
 comment on view analytics.users is 'People and service accounts (never their password hashes).';
 
+-- Dropped first: an upgraded database still has the view with the key prefix column, which
+-- create or replace cannot remove (nothing depends on it; the grants below are re-applied).
+drop view if exists analytics.api_keys;
 create or replace view analytics.api_keys with (security_invoker = true) as
     select k.id, k.user_id, k.name, k.suites, k.access, k.expires_at, k.last_used_at,
            k.revoked_at, k.created_at
@@ -40,9 +43,9 @@ create or replace view analytics.suites with (security_invoker = true) as
 comment on view analytics.suites is 'Suites: every suite, or only those the analyst is limited to.';
 
 create or replace view analytics.suite_members with (security_invoker = true) as
-    select m.id, m.suite_id, m.user_id, m.role, m.created_at, m.updated_at
+    select m.id, m.suite_id, m.user_id, m.role, m.created_at, m.updated_at, m.accepted, m.accepted_at
     from app.suite_members m;
-comment on view analytics.suite_members is 'Suite memberships (viewer, editor, owner).';
+comment on view analytics.suite_members is 'Suite memberships (viewer, editor, owner); accepted is false for a pending invitation, which grants nothing.';
 
 create or replace view analytics.actions with (security_invoker = true) as
     select a.id, a.suite_id, a.name, a.description, a.input_schema, a.created_at, a.updated_at
@@ -152,7 +155,7 @@ grant select (id, email, display_name, account_role, disabled_at, created_at, up
 grant select (id, user_id, name, suites, access, expires_at, last_used_at, revoked_at, created_at)
     on app.api_keys to tp_analyst;
 grant select (id, name, slug, description, created_by, created_at, updated_at) on app.suites to tp_analyst;
-grant select (id, suite_id, user_id, role, created_at, updated_at) on app.suite_members to tp_analyst;
+grant select (id, suite_id, user_id, role, created_at, updated_at, accepted, accepted_at) on app.suite_members to tp_analyst;
 grant select (id, suite_id, name, description, input_schema, created_at, updated_at) on app.actions to tp_analyst;
 grant select (id, name, url, transport, description, created_by, created_at, updated_at)
     on app.mcp_servers to tp_analyst;

@@ -264,11 +264,13 @@ def test_read_cell(world: World, table: str, shape: str, caller: str) -> None:
         assert r.status_code == 200, (caller, r.status_code, r.text[:300])
         seen = rid in _ids_in(body_of(r))
     else:  # the whole collection, page by page (db-max-rows caps one answer)
-        path = coll(world, t) if shape == "get_unfiltered" else t.embed
-        assert path is not None
+        target = coll(world, t) if shape == "get_unfiltered" else t.embed
+        assert target is not None
+        path, _, query = target.partition("?")
+        extra = dict(part.split("=", 1) for part in query.split("&") if part)
         seen, offset = False, 0
         while not seen:
-            r = client.get(path, params={"limit": "1000", "offset": str(offset), "order": "id"})
+            r = client.get(path, params={**extra, "limit": "1000", "offset": str(offset), "order": "id"})
             assert r.status_code == 200, (caller, r.status_code, r.text[:300])
             rows = body_of(r)
             seen = rid in _ids_in(rows)

@@ -41,7 +41,7 @@ create or replace function app.notify_pipeline_jobs() returns trigger
     set search_path = ''
 as $$
 begin
-    perform pg_catalog.pg_notify('tp_pipeline_jobs', '');
+    notify tp_pipeline_jobs;  -- the command, not pg_notify(): that function is nobody's (02_builtins)
     return null;
 end
 $$;

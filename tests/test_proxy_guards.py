@@ -1,0 +1,183 @@
+"""The proxy's guards cannot be walked around: body limits follow the route and the method
+(chunked bodies included), uploads are refused before anyone reads an anonymous body, and
+the services behind the proxy are not reachable except through it (SeaweedFS: only S3)."""
+
+from __future__ import annotations
+
+import json
+import select
+import socket
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.bundles import write_large_bundle
+from tests.conftest import User, assert_error_body, create_suite
+from tracepipe.procs import PeakRss, process_tree, rss_bytes
+from tracepipe.stack import Stack
+
+MiB = 1024 * 1024
+# What one hostile request may add to a service's memory (the issue measured +696 MiB for
+# PostgREST and +570 MiB for an ext worker); noise of a quiet stack is a few MiB.
+RSS_SLACK = 40 * MiB
+
+
+def raw_request(stack: Stack, method: str, path: str, size: int, *, chunked: bool = False,
+                headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes, int]:
+    """Sends `size` body bytes (a JSON string) 1 MiB at a time, stopping as soon as the proxy
+    answers: (status, headers, body, body bytes sent). httpx would insist on sending all."""
+    host, port = stack.s.host, stack.s.proxy_port
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {host}:{port}", "Connection: close",
+             "Content-Type: application/json",
+             "Transfer-Encoding: chunked" if chunked else f"Content-Length: {size}",
+             *(f"{k}: {v}" for k, v in (headers or {}).items())]
+    filler = b'{"name":"' + b"x" * (MiB - 11) + b'"}'
+    sent = 0
+    with socket.create_connection((host, port), timeout=120) as sock:
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        try:
+            while sent < size:
+                if select.select([sock], [], [], 0)[0]:
+                    break  # the answer came before the body was asked for
+                piece = filler[: min(MiB, size - sent)]
+                sock.sendall(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
+                sent += len(piece)
+            else:
+                if chunked:
+                    sock.sendall(b"0\r\n\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        data = b""
+        try:
+            while chunk := sock.recv(65536):
+                data += chunk
+        except ConnectionResetError:
+            pass
+    head, _, body = data.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    response_headers = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in header_lines)}
+    if response_headers.get("transfer-encoding") == "chunked":
+        body = _unchunk(body)
+    return int(status_line.split()[1]), response_headers, body, sent
+
+
+def _unchunk(data: bytes) -> bytes:
+    out = b""
+    while data:
+        size_line, _, data = data.partition(b"\r\n")
+        size = int(size_line.split(b";")[0] or b"0", 16)
+        if size == 0:
+            break
+        out, data = out + data[:size], data[size + 2:]
+    return out
+
+
+def tree_rss(pid: int | None) -> int:
+    assert pid is not None
+    return max(rss_bytes(p) for p in process_tree(pid))
+
+
+def access_log_entry(stack: Stack, request_id: str) -> dict[str, str]:
+    """The request's access log line (nginx writes it once the connection is closed)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        for line in (stack.logs / "nginx-access.log").read_text().splitlines():
+            entry = json.loads(line)
+            if entry["request_id"] == request_id:
+                return dict(entry)
+        time.sleep(0.2)
+    raise AssertionError(f"no access log line for {request_id}")
+
+
+# --- body limits follow the route and the method ---------------------------------------------
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_oversized_patch_on_sessions_never_reaches_postgrest(stack: Stack, chunked: bool) -> None:
+    # PATCH /sessions is PostgREST's: the upload limit of POST /sessions is not its limit.
+    before = tree_rss(stack.pid_of("postgrest"))
+    rid = f"guard-{uuid.uuid4().hex[:12]}"
+    status, _, body, _ = raw_request(stack, "PATCH", "/sessions?id=eq.00000000-0000-0000-0000-000000000000",
+                                     105 * MiB, chunked=chunked, headers={"X-Request-Id": rid})
+    assert status == 413, body[:300]
+    assert json.loads(body)["code"] == "TP413"
+    assert access_log_entry(stack, rid)["upstream"] == ""  # answered by nginx alone
+    assert tree_rss(stack.pid_of("postgrest")) - before < RSS_SLACK
+
+
+def test_chunked_body_to_ext_json_endpoints_has_the_api_limit(stack: Stack, person: User) -> None:
+    # POST /api-keys is ext's (through the internal /_ext/ door): a chunked body has no
+    # Content-Length for nginx to check up front, so it is counted as it streams.
+    before = tree_rss(stack.pid_of("ext"))
+    with PeakRss(stack.pid_of("ext") or 0) as peak:
+        status, _, body, _ = raw_request(stack, "POST", "/api-keys", 60 * MiB, chunked=True,
+                                            headers={"Authorization": f"Bearer {person.token}"})
+    assert status == 413, body[:300]
+    assert json.loads(body)["code"] == "TP413"
+    assert peak.peak - before < RSS_SLACK, (before, peak.peak)
+    # a small body still goes through
+    assert person.client.post("/api-keys", json={"name": f"k-{uuid.uuid4().hex[:8]}"}).status_code == 201
+
+
+@pytest.mark.parametrize("path", ["/sessions", "/examples"])
+def test_anonymous_upload_is_refused_before_ext_reads_it(stack: Stack, path: str) -> None:
+    before = tree_rss(stack.pid_of("ext"))
+    rid = f"guard-{uuid.uuid4().hex[:12]}"
+    with PeakRss(stack.pid_of("ext") or 0) as peak:
+        status, headers, body, sent = raw_request(stack, "POST", path, 50 * MiB, headers={"X-Request-Id": rid})
+    assert status == 401, body[:300]
+    assert json.loads(body)["code"] == "TP401"
+    assert "bearer" in headers.get("www-authenticate", "").lower()
+    assert access_log_entry(stack, rid)["upstream"] == ""  # ext never saw the request
+    assert sent < 50 * MiB  # the answer came before the body was sent
+    assert peak.peak - before < RSS_SLACK
+
+
+@pytest.mark.parametrize("path", ["/sessions", "/examples"])
+def test_upload_with_a_forged_token_is_refused_before_ext_reads_the_body(stack: Stack, path: str) -> None:
+    forged = "eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJl"
+    before = tree_rss(stack.pid_of("ext"))
+    with PeakRss(stack.pid_of("ext") or 0) as peak:
+        status, _, body, sent = raw_request(stack, "POST", path, 50 * MiB,
+                                            headers={"Authorization": f"Bearer {forged}"})
+    assert status == 401, body[:300]
+    assert_error_body(httpx.Response(401, content=body, headers={"content-type": "application/json"}))
+    assert sent < 50 * MiB  # ext answered from the headers
+    assert peak.peak - before < RSS_SLACK
+
+
+def test_large_uploads_still_work(stack: Stack, person: User) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "large.zip"
+        size = write_large_bundle(path, screenshots=3, screenshot_bytes=2 * MiB)
+        assert size > 5 * MiB
+        data = path.read_bytes()
+    r = person.client.post("/sessions", content=data, headers={"Content-Type": "application/zip"})
+    assert r.status_code == 201, r.text
+
+    def chunks() -> Iterator[bytes]:
+        for i in range(0, len(data), MiB):
+            yield data[i:i + MiB]
+
+    r = person.client.post("/sessions", content=chunks(), headers={"Content-Type": "application/zip"})
+    assert r.status_code == 201, r.text  # chunked, no Content-Length
+    assert person.client.get(f"/sessions/{r.json()['id']}/bundle").content == data
+
+    suite = create_suite(person)
+    line = json.dumps({"messages": [{"role": "user", "content": "y" * 100_000}]}).encode() + b"\n"
+    lines = line * 30
+    r = person.client.post("/examples", params={"suite_id": suite["id"], "model": "m"}, content=lines,
+                           headers={"Content-Type": "application/jsonl"})
+    assert r.status_code == 201, r.text
+    assert r.json()["size_bytes"] == len(lines)
+
+
+def test_small_limit_still_applies_to_postgrest_routes(stack: Stack, person: User) -> None:
+    r = person.client.post("/suites", content=b'{"name":"' + b"x" * (2 * MiB) + b'"}',
+                           headers={"Content-Type": "application/json"})
+    assert r.status_code == 413
+    assert assert_error_body(r)["code"] == "TP413"

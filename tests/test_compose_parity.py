@@ -57,7 +57,7 @@ EXT_PLACE_KEYS = {"TP_EXT_DATABASE_URL", "TP_EXT_JWT_KEYS_DIR", "TP_EXT_S3_ENDPO
                   "TP_EXT_S3_ACCESS_KEY", "TP_EXT_S3_SECRET_KEY", "TP_EXT_ENVIRONMENT", "TP_EXT_SMTP_HOST"}
 NGINX_PLACE_KEYS = {"TP_PROXY_LISTEN", "TP_PGRST_UPSTREAM", "TP_EXT_UPSTREAM", "TP_NGINX_ACCESS_LOG",
                     "TP_NGINX_DIR", "TP_NGINX_TMP", "TP_NGINX_USER_DIRECTIVE"}
-WEED_PLACE_FLAGS = {"-dir", "-ip", "-ip.bind", "-s3.config", "-filer.localSocket", "-s3.localSocket"}
+WEED_PLACE_FLAGS = {"-dir", "-ip", "-ip.bind", "-s3.ip.bind", "-s3.config", "-filer.localSocket", "-s3.localSocket"}
 UVICORN_PLACE_FLAGS = {"--host", "--forwarded-allow-ips", "--app-dir"}
 
 
@@ -388,6 +388,7 @@ def test_postgres_runs_like_the_local_cluster(compose: dict[str, Any], local_sta
 def test_seaweedfs_flags_are_the_local_ones(compose: dict[str, Any], local_stack: Stack,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     argv, env = spawned(local_stack, monkeypatch, "_start_seaweedfs")
+    argv = argv[argv.index("server") - 1:]  # after the private-network wrapper (unshare --net)
     command = [str(a) for a in service(compose, "seaweedfs")["command"]]
     assert argv[1] == command[0] == "server"
     local, theirs = flags(argv[2:]), flags(command[1:])

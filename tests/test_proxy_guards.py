@@ -12,12 +12,17 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import boto3
+import botocore.exceptions
 import httpx
 import pytest
+from botocore.config import Config
 
-from tests.bundles import write_large_bundle
+from tests.bundles import bundle, write_large_bundle
 from tests.conftest import User, assert_error_body, create_suite
+from tracepipe import credentials
 from tracepipe.procs import PeakRss, process_tree, rss_bytes
 from tracepipe.stack import Stack
 
@@ -181,3 +186,71 @@ def test_small_limit_still_applies_to_postgrest_routes(stack: Stack, person: Use
                            headers={"Content-Type": "application/json"})
     assert r.status_code == 413
     assert assert_error_body(r)["code"] == "TP413"
+
+
+# --- SeaweedFS: only its S3 gateway, with the keys, is reachable ---------------------------------
+
+@pytest.fixture(scope="module")
+def stored_bundle(stack: Stack, person: User) -> tuple[str, bytes]:
+    data = bundle(n_events=20)
+    r = person.client.post("/sessions", content=data, headers={"Content-Type": "application/zip"})
+    assert r.status_code == 201, r.text
+    return f"sessions/{r.json()['id']}/bundle.zip", data
+
+
+def _s3(stack: Stack, secrets: credentials.StackSecrets, **keys: str) -> Any:
+    return boto3.client("s3", endpoint_url=stack.s.s3_endpoint, region_name=stack.s.s3_region,
+                        aws_access_key_id=keys.get("access", secrets.s3_access_key),
+                        aws_secret_access_key=keys.get("secret", secrets.s3_secret_key),
+                        config=Config(retries={"max_attempts": 1}, s3={"addressing_style": "path"}))
+
+
+def _refused(method: str, url: str, **kw: Any) -> str:
+    """'refused' when nothing answers; else the status (a guard's 401/403 would also do)."""
+    try:
+        r = httpx.request(method, url, timeout=5, **kw)
+    except httpx.TransportError:
+        return "refused"
+    return "refused" if r.status_code in (401, 403) else f"{r.status_code} {r.text[:100]!r}"
+
+
+def test_seaweedfs_filer_master_and_volume_refuse_everyone(stack: Stack, secrets: credentials.StackSecrets,
+                                                           stored_bundle: tuple[str, bytes]) -> None:
+    key, data = stored_bundle
+    s, g = stack.s, stack.s.weed_grpc_offset
+    filer = f"http://{s.host}:{s.weed_filer_port}/buckets/{s.bucket}/{key}"
+    master = f"http://{s.host}:{s.weed_master_port}"
+    volume = f"http://{s.host}:{s.weed_volume_port}"
+    answers = {
+        "filer GET": _refused("GET", filer),
+        "filer POST": _refused("POST", filer, files={"file": ("bundle.zip", b"overwritten")}),
+        "filer DELETE": _refused("DELETE", filer),
+        "master GET lookup": _refused("GET", f"{master}/dir/lookup?volumeId=1"),
+        "master POST assign": _refused("POST", f"{master}/dir/assign"),
+        "master POST submit": _refused("POST", f"{master}/submit", files={"file": ("x", b"x")}),
+        "master DELETE": _refused("DELETE", f"{master}/col/delete?collection={s.bucket}"),
+        "volume GET": _refused("GET", f"{volume}/status"),
+        "volume POST": _refused("POST", f"{volume}/1,01637037d6", files={"file": ("x", b"x")}),
+        "volume DELETE": _refused("DELETE", f"{volume}/1,01637037d6"),
+    }
+    assert answers == dict.fromkeys(answers, "refused"), answers
+    for port in (s.weed_master_port, s.weed_volume_port, s.weed_filer_port, s.s3_port):
+        with socket.socket() as sock:  # gRPC: no listener outside SeaweedFS's own network
+            assert sock.connect_ex((s.host, port + g)) != 0, port + g
+    # S3 with the keys still works and the bundle is intact; without them it is refused
+    assert _s3(stack, secrets).get_object(Bucket=s.bucket, Key=key)["Body"].read() == data
+    with pytest.raises(botocore.exceptions.ClientError):
+        _s3(stack, secrets, secret="wrong").get_object(Bucket=s.bucket, Key=key)
+    assert httpx.get(f"{stack.s.s3_endpoint}/{s.bucket}/{key}").status_code == 403
+
+
+def test_seaweedfs_files_are_not_readable_by_other_users(stack: Stack, stored_bundle: tuple[str, bytes]) -> None:
+    data_dir = stack.state / "s3"
+    # No other user may enter the data dir: that alone keeps every file below it private
+    # (SeaweedFS writes its small .vif volume-info files 0644 whatever the umask).
+    assert data_dir.stat().st_mode & 0o777 == 0o700
+    # and what holds the bytes is the owner's alone too (the umask of the weed process)
+    volumes = [p for p in data_dir.rglob("*") if p.suffix in (".dat", ".idx") or "filerldb" in str(p)]
+    assert any(p.suffix == ".dat" for p in volumes)
+    loose = [f"{oct(p.stat().st_mode & 0o777)} {p}" for p in volumes if not p.is_symlink() and p.stat().st_mode & 0o077]
+    assert loose == []

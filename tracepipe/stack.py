@@ -230,6 +230,8 @@ class Stack:
             self._stop_postgres()
         else:
             self._stop_pid(name, grace=grace if grace is not None else (20.0 if name == "seaweedfs" else 10.0))
+        if name == "seaweedfs":
+            self._stop_pid("s3relay", grace=grace if grace is not None else 10.0)
 
     def start_component(self, name: str) -> None:
         """Starts one stopped process of an initialised stack ("ext", "ext-1", …) and waits
@@ -238,7 +240,7 @@ class Stack:
         component, instance = _split_instance(name)
         starters = {
             "postgres": self._start_postgres,
-            "seaweedfs": lambda: self._start_seaweedfs(secrets),
+            "seaweedfs": lambda: self._start_seaweedfs_with_relay(secrets),
             "postgrest": lambda: self._start_postgrest(secrets, instance),
             "ext": lambda: self._start_ext(secrets, instance),
             "nginx": self._start_nginx,
@@ -259,9 +261,10 @@ class Stack:
 
     def _answers(self, component: str, instance: int) -> bool:
         s = self.s
-        if component in ("postgres", "seaweedfs", "mail"):
-            return _port_open(s.host, {"postgres": s.pg_port, "seaweedfs": s.s3_port, "mail": s.mail_port}[component])
-        url = {"postgrest": f"http://{s.host}:{self.port(s.pgrst_admin_port, instance)}/ready",
+        if component in ("postgres", "mail"):
+            return _port_open(s.host, {"postgres": s.pg_port, "mail": s.mail_port}[component])
+        url = {"seaweedfs": f"{s.s3_endpoint}/healthz",  # through the relay, so both answer
+               "postgrest": f"http://{s.host}:{self.port(s.pgrst_admin_port, instance)}/ready",
                "ext": f"http://{s.host}:{self.port(s.ext_port, instance)}/health",
                "nginx": f"{s.proxy_url}/health"}[component]
         return _http_ok(url)
@@ -317,6 +320,7 @@ class Stack:
         proc = subprocess.Popen(
             argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env={**os.environ, **(env or {})}, start_new_session=True, cwd=self.state,
+            umask=0o077,  # what the stack's processes write is theirs alone (SeaweedFS's volumes)
         )
         log.close()
         self.pidfile(name).write_text(str(proc.pid))
@@ -418,6 +422,7 @@ class Stack:
         s = self.s
         data = self.state / "s3"
         data.mkdir(parents=True, exist_ok=True)
+        _make_private(data)
         config = self.state / "s3.json"
         credentials.write_private_json(config, {
             "identities": [{
@@ -435,7 +440,7 @@ class Stack:
             f"-filer.port={s.weed_filer_port}", f"-filer.port.grpc={s.weed_filer_port + g}",
             "-filer", "-s3", f"-s3.port={s.s3_port}", f"-s3.port.grpc={s.s3_port + g}",
             "-s3.port.iceberg=0", "-s3.port.lance=0", f"-s3.config={config}",
-            f"-filer.localSocket={self.run_dir}/weed-filer.sock", f"-s3.localSocket={self.run_dir}/weed-s3.sock",
+            f"-filer.localSocket={self.run_dir}/weed-filer.sock", f"-s3.localSocket={self.s3_socket}",
             "-volume.max=0", "-master.volumeSizeLimitMB=1024", "-volume.index=memory",
             "-master.volumePreallocate=false", "-s3.iam=false",
             # One master, no peers: the default 10 s raft election timeout only delayed a
@@ -443,10 +448,88 @@ class Stack:
             "-master.electionTimeout=1s", "-master.telemetry=false",
         ]
 
+    @property
+    def s3_socket(self) -> Path:
+        """SeaweedFS's S3 API on a unix socket: the one way into SeaweedFS from outside its
+        network namespace (the s3relay nginx listens on s3_port and forwards to it)."""
+        return self.socket_dir / "weed-s3.sock"
+
     def _start_seaweedfs(self, secrets: credentials.StackSecrets) -> None:
-        self._spawn("seaweedfs", self.seaweed_argv(secrets), env={"GOMEMLIMIT": "400MiB", "GOGC": "50"})
-        _wait("SeaweedFS S3", lambda: _port_open(self.s.host, self.s.s3_port), 60, self.logfile("seaweedfs"))
+        # SeaweedFS runs in a network namespace of its own: its master, volume and filer
+        # (HTTP and gRPC) listen on that namespace's loopback, which no other process can
+        # reach; they answer anyone who reaches them, bypassing the S3 keys. Only its S3
+        # gateway is reachable, through the unix socket (owned by the relay's user, 0700 dir).
+        self.s3_socket.unlink(missing_ok=True)
+        ip = shutil.which("ip") or "/usr/sbin/ip"
+        # not root: a user namespace of its own carries the network namespace
+        private_net = ["unshare", "--net", *([] if self.is_root else ["--map-root-user"]), "--",
+                       "sh", "-c", f'{ip} link set lo up && exec "$0" "$@"']
+        self._spawn("seaweedfs", [*private_net, *self.seaweed_argv(secrets)],
+                    env={"GOMEMLIMIT": "400MiB", "GOGC": "50"})
+        _wait("SeaweedFS S3 socket", self.s3_socket.exists, 60, self.logfile("seaweedfs"))
+        ids = self._pg_user_ids()
+        if ids is not None and self.s3_socket.exists():
+            os.chown(self.s3_socket, *ids)  # the relay's workers run as that user
+        _wait("SeaweedFS S3", lambda: _http_ok(f"{self.s.s3_endpoint}/healthz"), 60, self.logfile("seaweedfs"))
         _wait("SeaweedFS bucket", lambda: self._ensure_bucket(secrets), 60, self.logfile("seaweedfs"))
+
+    def _start_seaweedfs_with_relay(self, secrets: credentials.StackSecrets) -> None:
+        self._start_s3relay()
+        if self._pid("seaweedfs") is None:  # never two on one data dir (no port would clash)
+            self._start_seaweedfs(secrets)
+        else:
+            _wait("SeaweedFS S3", lambda: _http_ok(f"{self.s.s3_endpoint}/healthz"), 60, self.logfile("seaweedfs"))
+
+    def s3relay_config(self) -> str:
+        """nginx that forwards s3_port to SeaweedFS's S3 socket, byte for byte (the Host
+        header and the raw URI stay, so SigV4 signatures hold), nothing buffered."""
+        ids = self._pg_user_ids()
+        tmp = self.daemon_dir / "nginx-tmp"
+        return "\n".join([
+            f"user {self.s.pg_os_user};" if ids else "",
+            "worker_processes 1;",
+            f"pid {self.state / 's3relay' / 'nginx.pid'};",
+            f"error_log {self.logfile('s3relay')} warn;",
+            "events { worker_connections 1024; }",
+            "http {",
+            "    access_log off;",
+            *(f"    {kind}_temp_path {tmp}/s3relay-{kind};" for kind in ("client_body", "proxy", "fastcgi",
+                                                                           "uwsgi", "scgi")),
+            f"    upstream weed_s3 {{ server unix:{self.s3_socket} max_fails=0; keepalive 32; }}",
+            "    server {",
+            f"        listen {self.s.host}:{self.s.s3_port};",
+            "        server_tokens off;",
+            "        client_max_body_size 0;",
+            "        client_body_buffer_size 64k;",
+            "        location / {",
+            "            proxy_pass http://weed_s3;",
+            "            proxy_http_version 1.1;",
+            '            proxy_set_header Connection "";',
+            "            proxy_set_header Host $http_host;",
+            "            proxy_request_buffering off;",
+            "            proxy_buffering off;",
+            "            proxy_buffer_size 64k;",
+            "            proxy_buffers 4 64k;",
+            "            proxy_busy_buffers_size 64k;",
+            "            proxy_read_timeout 300s;",
+            "            proxy_send_timeout 300s;",
+            "        }",
+            "    }",
+            "}",
+            "",
+        ])
+
+    def _start_s3relay(self) -> None:
+        if self._pid("s3relay") is not None:
+            return
+        self._prepare_daemon_dir()
+        prefix = self.state / "s3relay"
+        (prefix / "logs").mkdir(parents=True, exist_ok=True)
+        conf = prefix / "nginx.conf"
+        conf.write_text(self.s3relay_config())
+        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+        self._spawn("s3relay", [nginx, "-p", str(prefix), "-c", str(conf), "-g", "daemon off;"])
+        _wait("S3 relay (nginx)", lambda: _port_open(self.s.host, self.s.s3_port), 30, self.logfile("s3relay"))
 
     def _ensure_bucket(self, secrets: credentials.StackSecrets) -> bool:
         import boto3
@@ -640,6 +723,19 @@ def _package_version(name: str) -> str:
         return f"{name} {version(name)}"
     except PackageNotFoundError:
         return "not installed"
+
+
+def _make_private(root: Path) -> None:
+    """root and everything below it: directories 0700, files 0600 (data written before
+    the stack set a umask was 0644)."""
+    os.chmod(root, 0o700)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for d in dirnames:
+            os.chmod(os.path.join(dirpath, d), 0o700)
+        for f in filenames:
+            path = os.path.join(dirpath, f)
+            if not os.path.islink(path):
+                os.chmod(path, 0o600)
 
 
 def _sha256(path: Path) -> str:

@@ -5,8 +5,10 @@ the services behind the proxy are not reachable except through it (SeaweedFS: on
 from __future__ import annotations
 
 import json
+import os
 import select
 import socket
+import subprocess
 import tempfile
 import time
 import uuid
@@ -254,3 +256,32 @@ def test_seaweedfs_files_are_not_readable_by_other_users(stack: Stack, stored_bu
     assert any(p.suffix == ".dat" for p in volumes)
     loose = [f"{oct(p.stat().st_mode & 0o777)} {p}" for p in volumes if not p.is_symlink() and p.stat().st_mode & 0o077]
     assert loose == []
+
+
+# --- PostgREST and ext: reachable through the proxy only -------------------------------------------
+
+def test_postgrest_and_ext_listen_where_only_the_proxy_reaches(stack: Stack, person: User) -> None:
+    s = stack.s
+    for port in (s.pgrst_port, s.ext_port):  # no loopback port around the proxy's guards
+        with socket.socket() as sock:
+            assert sock.connect_ex((s.host, port)) != 0, port
+    sockets = [stack.service_socket("postgrest"), stack.service_socket("ext")]
+    assert all(p is not None and p.is_socket() for p in sockets), sockets
+    directory = stack.socket_dir
+    assert directory.stat().st_mode & 0o777 == 0o700
+    # another local user cannot connect to either socket
+    probe = ("import socket, sys\n"
+             "for path in sys.argv[1:]:\n"
+             "    s = socket.socket(socket.AF_UNIX)\n"
+             "    try:\n"
+             "        s.connect(path)\n"
+             "        print('connected', path)\n"
+             "    except OSError as e:\n"
+             "        print(type(e).__name__, path)\n")
+    if os.geteuid() == 0:
+        out = subprocess.run(["/usr/bin/python3", "-c", probe, *map(str, sockets)], user="nobody",
+                             capture_output=True, text=True, check=True, cwd="/").stdout
+        assert "connected" not in out and out.count("PermissionError") == 2, out
+    # and the proxy still reaches both
+    assert person.client.get("/suites").status_code == 200
+    assert person.client.get("/health").status_code == 200

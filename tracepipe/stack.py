@@ -61,7 +61,15 @@ def _port_open(host: str, port: int) -> bool:
         return s.connect_ex((host, port)) == 0
 
 
-def _http_ok(url: str, timeout: float = 2.0) -> bool:
+def _http_ok(url: str, timeout: float = 2.0, uds: Path | None = None) -> bool:
+    if uds is not None:  # a service on a unix socket (Stack.service_socket)
+        import httpx
+
+        try:
+            with httpx.Client(transport=httpx.HTTPTransport(uds=str(uds)), timeout=timeout) as client:
+                return client.get(url).is_success
+        except (httpx.HTTPError, OSError):
+            return False
     try:
         with urllib.request.urlopen(url, timeout=timeout) as r:
             return bool(200 <= r.status < 300)
@@ -263,11 +271,27 @@ class Stack:
         s = self.s
         if component in ("postgres", "mail"):
             return _port_open(s.host, {"postgres": s.pg_port, "mail": s.mail_port}[component])
+        if component == "ext":
+            return _http_ok(f"{self.ext_url(instance)}/health", uds=self.service_socket("ext", instance))
         url = {"seaweedfs": f"{s.s3_endpoint}/healthz",  # through the relay, so both answer
                "postgrest": f"http://{s.host}:{self.port(s.pgrst_admin_port, instance)}/ready",
-               "ext": f"http://{s.host}:{self.port(s.ext_port, instance)}/health",
                "nginx": f"{s.proxy_url}/health"}[component]
         return _http_ok(url)
+
+    def service_socket(self, component: str, instance: int = 0) -> Path | None:
+        """The unix socket PostgREST's API or ext listens on (TP_SERVICE_SOCKETS, the default),
+        or None (loopback ports). The socket dir is the unprivileged user's, 0700: only nginx
+        (that user) and root enter it, so no local process reaches a service around the
+        proxy's guards (body limits, rate limits, header checks)."""
+        if not self.s.service_sockets:
+            return None
+        return self.socket_dir / f"{_instance_name(component, instance)}.sock"
+
+    def ext_url(self, instance: int = 0) -> str:
+        """Base URL of an ext instance (with service sockets: any host, over the socket)."""
+        if self.service_socket("ext", instance) is not None:
+            return "http://ext"
+        return f"http://{self.s.host}:{self.port(self.s.ext_port, instance)}"
 
     def port(self, base: int, instance: int) -> int:
         """Port of an instance: instance 0 uses the setting, instance i adds i × scale_port_step."""
@@ -574,6 +598,8 @@ class Stack:
             f"jwt-cache-max-lifetime = {s.pgrst_jwt_cache_s}",
             f'server-host = "{s.host}"',
             f"server-port = {self.port(s.pgrst_port, instance)}",
+            *([f'server-unix-socket = "{sock}"', 'server-unix-socket-mode = "666"']  # the 0700 dir guards it
+              if (sock := self.service_socket("postgrest", instance)) else []),
             f"admin-server-port = {self.port(s.pgrst_admin_port, instance)}",
             f'openapi-server-proxy-uri = "{s.proxy_url}"',
             'openapi-mode = "ignore-privileges"',
@@ -585,9 +611,14 @@ class Stack:
         name = _instance_name("postgrest", instance)
         conf = self.state / f"{name}.conf"
         credentials.write_private_text(conf, self.postgrest_config(secrets, instance))
+        sock = self.service_socket("postgrest", instance)
+        if sock is not None:
+            self._prepare_daemon_dir()
+            sock.unlink(missing_ok=True)
         self._spawn(name, [str(self.postgrest_bin), str(conf)])
         admin = f"http://{self.s.host}:{self.port(self.s.pgrst_admin_port, instance)}/ready"
-        _wait(f"PostgREST ({name})", lambda: _http_ok(admin), 60, self.logfile(name))
+        _wait(f"PostgREST ({name})", lambda: _http_ok(admin) and (sock is None or sock.exists()), 60,
+              self.logfile(name))
 
     # --- ext -------------------------------------------------------------------------------------
     def ext_env(self, secrets: credentials.StackSecrets, instance: int = 0) -> dict[str, str]:
@@ -606,7 +637,10 @@ class Stack:
             "TP_EXT_S3_REGION": s.s3_region,
             "TP_EXT_S3_BUCKET": s.bucket,
             "TP_EXT_POSTGREST_URL": f"http://{s.host}:{self.port(s.pgrst_admin_port, instance)}",
-            "TP_EXT_POSTGREST_API_URL": f"http://{s.host}:{self.port(s.pgrst_port, instance)}",
+            # PostgREST's API description (for /openapi.json): through the proxy when PostgREST
+            # listens on a socket (its `/` is PostgREST's)
+            "TP_EXT_POSTGREST_API_URL": s.proxy_url if s.service_sockets
+            else f"http://{s.host}:{self.port(s.pgrst_port, instance)}",
             "TP_EXT_ENVIRONMENT": "development",
             "TP_EXT_SMTP_HOST": s.host,
             "TP_EXT_SMTP_PORT": str(s.mail_port),
@@ -622,11 +656,19 @@ class Stack:
         shutil.rmtree(metrics_dir, ignore_errors=True)  # stale files of a previous run
         metrics_dir.mkdir(parents=True)
         uvicorn = shutil.which("uvicorn", path=str(self.venv_bin)) or "uvicorn"
-        argv = [uvicorn, "ext.main:app", "--host", self.s.host, "--port", str(port),
+        sock = self.service_socket("ext", instance)
+        if sock is not None:  # only nginx connects: it is the proxy whose headers count
+            self._prepare_daemon_dir()
+            sock.unlink(missing_ok=True)
+            listen, trusted = ["--uds", str(sock)], "*"
+        else:
+            listen, trusted = ["--host", self.s.host, "--port", str(port)], self.s.host
+        argv = [uvicorn, "ext.main:app", *listen,
                 "--workers", str(self.s.ext_workers), "--no-access-log", "--proxy-headers",
-                "--forwarded-allow-ips", self.s.host, "--app-dir", str(REPO_ROOT)]
+                "--forwarded-allow-ips", trusted, "--app-dir", str(REPO_ROOT)]
         self._spawn(name, argv, env=env)
-        _wait(f"ext ({name})", lambda: _http_ok(f"http://{self.s.host}:{port}/health"), 60, self.logfile(name))
+        _wait(f"ext ({name})", lambda: _http_ok(f"{self.ext_url(instance)}/health", uds=sock), 60,
+              self.logfile(name))
 
     # --- mail sink ---------------------------------------------------------------------------------
     @property
@@ -654,8 +696,8 @@ class Stack:
             "TP_NGINX_USER_DIRECTIVE": f"user {self.s.pg_os_user};" if ids else "",
             "TP_NGINX_ACCESS_LOG": str(self.logs / "nginx-access.log"),
             "TP_PROXY_LISTEN": f"{s.host}:{s.proxy_port}",
-            "TP_PGRST_UPSTREAM": self._upstream(s.pgrst_port),
-            "TP_EXT_UPSTREAM": self._upstream(s.ext_port),
+            "TP_PGRST_UPSTREAM": self._upstream("postgrest", s.pgrst_port),
+            "TP_EXT_UPSTREAM": self._upstream("ext", s.ext_port),
             "TP_MAX_API_BODY": s.max_api_body,
             "TP_MAX_UPLOAD_BODY": s.max_upload_body,
             "TP_AUTH_RATE": s.auth_rate,
@@ -663,10 +705,11 @@ class Stack:
             "TP_CORS_ORIGIN_REGEX": s.cors_origin_regex,
         }
 
-    def _upstream(self, base: int) -> str:
-        """host:port of each instance, for the template's `server ${…} max_fails=0;` line: with
-        scale N the value itself continues with `max_fails=0; server host:port` N-1 times."""
-        servers = [f"{self.s.host}:{self.port(base, i)}" for i in range(self.s.scale)]
+    def _upstream(self, component: str, base: int) -> str:
+        """unix:socket or host:port of each instance, for the template's `server ${…} max_fails=0;`
+        line: with scale N the value itself continues with `max_fails=0; server …` N-1 times."""
+        servers = [f"unix:{sock}" if (sock := self.service_socket(component, i))
+                   else f"{self.s.host}:{self.port(base, i)}" for i in range(self.s.scale)]
         return " max_fails=0; server ".join(servers)
 
     def _reload_nginx(self) -> None:

@@ -118,15 +118,15 @@ def test_key_rotation_reaches_every_postgrest_instance(scaled: Stack) -> None:
         # each ext instance signs with the new key within 10 s; tokens of both keys must
         # then work on every PostgREST instance (nginx alternates between them)
         tokens: list[str] = []
-        deadline = time.monotonic() + 30
-        while len(tokens) < 20 and time.monotonic() < deadline:
+        deadline = time.monotonic() + 120  # a bound on waiting (logins hash a password), not a figure
+        while len(tokens) < 10 and time.monotonic() < deadline:
             r = c.post("/auth/login", json={"email": email, "password": "a long password"})
             assert r.status_code == 200, r.text
             if _kid(r.json()["access_token"]) != old_kid:
                 tokens.append(r.json()["access_token"])
             else:
                 time.sleep(0.5)
-        assert len(tokens) == 20, "ext never signed with the new key"
+        assert len(tokens) == 10, "ext never signed with the new key"
         statuses = [c.get("/suites", headers={"Authorization": f"Bearer {t}"}).status_code
-                    for t in tokens for _ in range(4)]
+                    for t in tokens for _ in range(6)]
     assert statuses == [200] * len(statuses), statuses

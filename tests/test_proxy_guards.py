@@ -285,3 +285,20 @@ def test_postgrest_and_ext_listen_where_only_the_proxy_reaches(stack: Stack, per
     # and the proxy still reaches both
     assert person.client.get("/suites").status_code == 200
     assert person.client.get("/health").status_code == 200
+
+
+def test_tus_only_patch_gets_the_upload_limit(stack: Stack, person: User) -> None:
+    # DELETE /uploads/{id} carries no bundle: the API limit (a chunked one ext answers from
+    # its headers, before the proxy has counted the limit)
+    rid = f"guard-{uuid.uuid4().hex[:12]}"
+    status, _, body, _ = raw_request(stack, "DELETE", f"/uploads/{uuid.uuid4()}", 20 * MiB,
+                                     headers={"Authorization": f"Bearer {person.token}", "X-Request-Id": rid,
+                                              "Tus-Resumable": "1.0.0"})
+    assert status == 413, body[:300]
+    assert access_log_entry(stack, rid)["upstream"] == ""
+    # PATCH /uploads/{id} is an upload: without a bearer token the proxy refuses it unread
+    rid = f"guard-{uuid.uuid4().hex[:12]}"
+    status, _, body, _ = raw_request(stack, "PATCH", f"/uploads/{uuid.uuid4()}", 20 * MiB,
+                                     headers={"X-Request-Id": rid})
+    assert status == 401, body[:300]
+    assert access_log_entry(stack, rid)["upstream"] == ""

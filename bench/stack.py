@@ -60,7 +60,9 @@ class BenchStack:
         state = Path(tempfile.mkdtemp(prefix="tp-bench-"))
         state.chmod(0o755)  # mkdtemp's 0700 would keep the unprivileged PostgreSQL user out
         ports, extra = free_ports()
-        fields: dict[str, Any] = {"state_dir": state, "tools_dir": REPO_ROOT / ".tools", **ports}
+        fields: dict[str, Any] = {"state_dir": state, "tools_dir": REPO_ROOT / ".tools", **ports,
+                                  # wrk measures ext alone on its port (run.auth_token): no unix socket
+                                  "service_sockets": False}
         stack = Stack(StackSettings(**fields))  # TP_* variables still apply (TP_EXT_WORKERS=4 make bench)
         bs: BenchStack | None = None
         try:

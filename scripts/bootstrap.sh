@@ -13,6 +13,8 @@ have_initdb() { command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bi
 have_initdb || missing+=(postgresql postgresql-contrib)
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx-light)
 command -v npm >/dev/null 2>&1 || missing+=(npm)
+command -v unshare >/dev/null 2>&1 || missing+=(util-linux)  # SeaweedFS's private network
+command -v ip >/dev/null 2>&1 || [ -x /usr/sbin/ip ] || missing+=(iproute2)
 
 if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" != 0 ]; then

@@ -57,8 +57,11 @@ EXT_PLACE_KEYS = {"TP_EXT_DATABASE_URL", "TP_EXT_JWT_KEYS_DIR", "TP_EXT_S3_ENDPO
                   "TP_EXT_S3_ACCESS_KEY", "TP_EXT_S3_SECRET_KEY", "TP_EXT_ENVIRONMENT", "TP_EXT_SMTP_HOST"}
 NGINX_PLACE_KEYS = {"TP_PROXY_LISTEN", "TP_PGRST_UPSTREAM", "TP_EXT_UPSTREAM", "TP_NGINX_ACCESS_LOG",
                     "TP_NGINX_DIR", "TP_NGINX_TMP", "TP_NGINX_USER_DIRECTIVE"}
-WEED_PLACE_FLAGS = {"-dir", "-ip", "-ip.bind", "-s3.config", "-filer.localSocket", "-s3.localSocket"}
+WEED_PLACE_FLAGS = {"-dir", "-ip", "-ip.bind", "-s3.ip.bind", "-s3.config", "-filer.localSocket", "-s3.localSocket"}
 UVICORN_PLACE_FLAGS = {"--host", "--forwarded-allow-ips", "--app-dir"}
+# Locally PostgREST's API and ext listen on unix sockets only nginx reaches; in compose on the
+# network, unpublished (the container is the boundary).
+PGRST_LOCAL_ONLY_KEYS = {"server-unix-socket", "server-unix-socket-mode"}
 
 
 # --- compose interpolation ------------------------------------------------------------------
@@ -294,8 +297,8 @@ def test_dockerfile_python_and_user_and_no_stack_extra() -> None:
 PUBLISHED_FIELDS = {
     "nginx": ["proxy_port"],
     "postgres": ["pg_port"],
-    "postgrest": ["pgrst_port", "pgrst_admin_port"],
-    "ext": ["ext_port"],
+    "postgrest": ["pgrst_admin_port"],  # the API port and ext's are for nginx alone
+    "ext": [],
     "seaweedfs": ["s3_port"],
 }
 
@@ -305,7 +308,7 @@ def test_published_ports_are_the_local_defaults_on_the_same_host(compose: dict[s
     for name, fields in PUBLISHED_FIELDS.items():
         ports = published(compose, name)
         assert sorted(host for _, host, _ in ports) == sorted(getattr(settings, f) for f in fields), name
-        assert {ip for ip, _, _ in ports} == {settings.host}, name
+        assert {ip for ip, _, _ in ports} <= {settings.host}, name
     assert published(compose, "migrate") == []
 
 
@@ -322,7 +325,7 @@ def test_every_tp_default_in_compose_is_the_local_default(raw: dict[str, Any], s
         assert field in fields, f"{name} is not a StackSettings variable (typo?)"
         assert op == ":-", f"{name} must have the local default"
         assert arg == str(getattr(settings, field)), f"{name} defaults to {arg!r}, locally {getattr(settings, field)!r}"
-    assert seen >= {"TP_PROXY_PORT", "TP_PG_PORT", "TP_PGRST_PORT", "TP_EXT_PORT", "TP_S3_PORT"}
+    assert seen >= {"TP_PROXY_PORT", "TP_PG_PORT", "TP_PGRST_ADMIN_PORT", "TP_S3_PORT"}  # the published ones
 
 
 # --- secrets ------------------------------------------------------------------------------------------
@@ -388,6 +391,7 @@ def test_postgres_runs_like_the_local_cluster(compose: dict[str, Any], local_sta
 def test_seaweedfs_flags_are_the_local_ones(compose: dict[str, Any], local_stack: Stack,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     argv, env = spawned(local_stack, monkeypatch, "_start_seaweedfs")
+    argv = argv[argv.index("server") - 1:]  # after the private-network wrapper (unshare --net)
     command = [str(a) for a in service(compose, "seaweedfs")["command"]]
     assert argv[1] == command[0] == "server"
     local, theirs = flags(argv[2:]), flags(command[1:])
@@ -418,6 +422,8 @@ def test_seaweedfs_identities_are_the_local_ones_with_the_ext_keys(compose: dict
 def test_every_postgrest_setting_has_its_pgrst_variable(compose: dict[str, Any], local_stack: Stack,
                                                         settings: StackSettings) -> None:
     local = pgrst_config(local_stack.postgrest_config(DUMMY))
+    assert local["server-unix-socket"] == f'{local_stack.service_socket("postgrest")}'
+    local = {k: v for k, v in local.items() if k not in PGRST_LOCAL_ONLY_KEYS}
     env = env_of(compose, "postgrest")
     assert set(env) == {pgrst_env_name(k) for k in local}
     for key, value in local.items():
@@ -438,9 +444,11 @@ def test_every_postgrest_setting_has_its_pgrst_variable(compose: dict[str, Any],
     assert not any(source.endswith(".pem") or source.rstrip("/").endswith("jwt")
                    for source in mounts(compose, "postgrest").values()), "private keys belong to ext alone"
 
-    # The container ports are the local ones, so every URL inside the network carries them.
+    # The container ports are the local ones, so every URL inside the network carries them;
+    # only the admin port (/ready, /live) is published.
     containers = {c for _, _, c in published(compose, "postgrest")}
-    assert containers == {int(local["server-port"]), int(local["admin-server-port"])}
+    assert containers == {int(local["admin-server-port"])}
+    assert env["PGRST_SERVER_PORT"] == local["server-port"]
 
 
 # --- ext ------------------------------------------------------------------------------------------------
@@ -461,7 +469,10 @@ def test_ext_env_has_every_local_variable(compose: dict[str, Any], local_stack: 
     assert url_host(env["TP_EXT_S3_ENDPOINT"]) == "seaweedfs"
     assert url_port(env["TP_EXT_POSTGREST_URL"]) == url_port(local["TP_EXT_POSTGREST_URL"])
     assert url_host(env["TP_EXT_POSTGREST_URL"]) == "postgrest"
-    assert url_port(env["TP_EXT_POSTGREST_API_URL"]) == url_port(local["TP_EXT_POSTGREST_API_URL"])
+    # PostgREST's API description: in compose from PostgREST on the network; locally, where
+    # PostgREST listens on a socket, through the proxy (whose `/` is PostgREST's)
+    assert url_port(env["TP_EXT_POSTGREST_API_URL"]) == settings.pgrst_port
+    assert url_port(local["TP_EXT_POSTGREST_API_URL"]) == settings.proxy_port
     assert url_host(env["TP_EXT_POSTGREST_API_URL"]) == "postgrest"
     assert env["TP_EXT_SMTP_HOST"] == "mail" and local["TP_EXT_SMTP_HOST"] == settings.host
     assert f"{settings.mail_port}" in env_of(compose, "mail")["MP_SMTP_BIND_ADDR"].rsplit(":", 1)
@@ -487,6 +498,9 @@ def test_ext_command_is_the_local_one(compose: dict[str, Any], local_stack: Stac
     argv, env = spawned(local_stack, monkeypatch, "_start_ext")
     assert env == local_stack.ext_env(DUMMY)
     local = flags(argv[2:])
+    # locally a unix socket only nginx reaches; in the container the network port
+    assert local.pop("--uds") == str(local_stack.service_socket("ext"))
+    local |= {"--host": "0.0.0.0", "--port": str(settings.ext_port)}
     for name, command in (("compose", [str(a) for a in service(compose, "ext")["command"]]),
                           ("Dockerfile", dockerfile_cmd())):
         assert Path(command[0]).name == Path(argv[0]).name and command[1] == argv[1], name
@@ -495,7 +509,7 @@ def test_ext_command_is_the_local_one(compose: dict[str, Any], local_stack: Stac
         for flag, value in local.items():
             if flag not in UVICORN_PLACE_FLAGS:
                 assert theirs[flag] == value, (name, flag)
-    assert {c for _, _, c in published(compose, "ext")} == {settings.ext_port}
+    assert published(compose, "ext") == []  # only nginx reaches ext
 
 
 # --- nginx ------------------------------------------------------------------------------------------------

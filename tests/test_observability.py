@@ -50,7 +50,9 @@ def test_the_pre_request_hook_puts_the_request_id_into_application_name(superuse
 def test_ext_metrics_count_requests_on_ext_port_only(stack: Stack, anon: httpx.Client) -> None:
     for _ in range(3):
         anon.get("/.well-known/jwks.json")
-    metrics = httpx.get(f"http://{stack.s.host}:{stack.s.ext_port}/metrics").text
+    sock = stack.service_socket("ext")  # ext's own socket (or port): not through the proxy
+    with httpx.Client(transport=httpx.HTTPTransport(uds=str(sock)) if sock else None) as direct:
+        metrics = direct.get(f"{stack.ext_url()}/metrics").text
     line = next(m for m in metrics.splitlines()
                 if m.startswith("tracepipe_ext_requests_total{") and 'route="/.well-known/jwks.json"' in m)
     assert float(line.rsplit(" ", 1)[1]) >= 3

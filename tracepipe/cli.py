@@ -110,9 +110,10 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 def cmd_rotate_jwt_key(_: argparse.Namespace) -> int:
     stack = _stack()
     kid = credentials.add_signing_key(stack.state)
-    pid = stack.pid_of("postgrest")
-    if pid is not None:
-        os.kill(pid, signal.SIGUSR2)  # PostgREST re-reads its config, the JWKS file included
+    for name in stack.process_names():  # every instance (make up SCALE=N runs N)
+        pid = stack.pid_of(name) if name.partition("-")[0] == "postgrest" else None
+        if pid is not None:
+            os.kill(pid, signal.SIGUSR2)  # PostgREST re-reads its config, the JWKS file included
     print(f"new signing key {kid}; older keys stay valid until their tokens expire "
           f"(ext signs with the new key within 10 s)")
     return 0

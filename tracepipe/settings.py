@@ -90,6 +90,9 @@ class StackSettings(BaseSettings):
     cors_origin_regex: str = r"^https?://(localhost|127\.0\.0\.1)(:[0-9]+)?$"
     mail_max_bytes: int = Field(1024 * 1024, description="largest message the mail sink accepts")
     mail_keep: int = Field(1000, description="messages the mail sink keeps (the oldest go first)")
+    service_sockets: bool = Field(
+        True, description="PostgREST's API and ext listen on unix sockets only nginx reaches (false: loopback "
+                          "ports pgrst_port and ext_port, which any local process reaches around the proxy)")
 
     @property
     def proxy_url(self) -> str:

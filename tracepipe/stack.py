@@ -61,7 +61,15 @@ def _port_open(host: str, port: int) -> bool:
         return s.connect_ex((host, port)) == 0
 
 
-def _http_ok(url: str, timeout: float = 2.0) -> bool:
+def _http_ok(url: str, timeout: float = 2.0, uds: Path | None = None) -> bool:
+    if uds is not None:  # a service on a unix socket (Stack.service_socket)
+        import httpx
+
+        try:
+            with httpx.Client(transport=httpx.HTTPTransport(uds=str(uds)), timeout=timeout) as client:
+                return client.get(url).is_success
+        except (httpx.HTTPError, OSError):
+            return False
     try:
         with urllib.request.urlopen(url, timeout=timeout) as r:
             return bool(200 <= r.status < 300)
@@ -230,6 +238,8 @@ class Stack:
             self._stop_postgres()
         else:
             self._stop_pid(name, grace=grace if grace is not None else (20.0 if name == "seaweedfs" else 10.0))
+        if name == "seaweedfs":
+            self._stop_pid("s3relay", grace=grace if grace is not None else 10.0)
 
     def start_component(self, name: str) -> None:
         """Starts one stopped process of an initialised stack ("ext", "ext-1", …) and waits
@@ -238,7 +248,7 @@ class Stack:
         component, instance = _split_instance(name)
         starters = {
             "postgres": self._start_postgres,
-            "seaweedfs": lambda: self._start_seaweedfs(secrets),
+            "seaweedfs": lambda: self._start_seaweedfs_with_relay(secrets),
             "postgrest": lambda: self._start_postgrest(secrets, instance),
             "ext": lambda: self._start_ext(secrets, instance),
             "nginx": self._start_nginx,
@@ -259,12 +269,29 @@ class Stack:
 
     def _answers(self, component: str, instance: int) -> bool:
         s = self.s
-        if component in ("postgres", "seaweedfs", "mail"):
-            return _port_open(s.host, {"postgres": s.pg_port, "seaweedfs": s.s3_port, "mail": s.mail_port}[component])
-        url = {"postgrest": f"http://{s.host}:{self.port(s.pgrst_admin_port, instance)}/ready",
-               "ext": f"http://{s.host}:{self.port(s.ext_port, instance)}/health",
+        if component in ("postgres", "mail"):
+            return _port_open(s.host, {"postgres": s.pg_port, "mail": s.mail_port}[component])
+        if component == "ext":
+            return _http_ok(f"{self.ext_url(instance)}/health", uds=self.service_socket("ext", instance))
+        url = {"seaweedfs": f"{s.s3_endpoint}/healthz",  # through the relay, so both answer
+               "postgrest": f"http://{s.host}:{self.port(s.pgrst_admin_port, instance)}/ready",
                "nginx": f"{s.proxy_url}/health"}[component]
         return _http_ok(url)
+
+    def service_socket(self, component: str, instance: int = 0) -> Path | None:
+        """The unix socket PostgREST's API or ext listens on (TP_SERVICE_SOCKETS, the default),
+        or None (loopback ports). The socket dir is the unprivileged user's, 0700: only nginx
+        (that user) and root enter it, so no local process reaches a service around the
+        proxy's guards (body limits, rate limits, header checks)."""
+        if not self.s.service_sockets:
+            return None
+        return self.socket_dir / f"{_instance_name(component, instance)}.sock"
+
+    def ext_url(self, instance: int = 0) -> str:
+        """Base URL of an ext instance (with service sockets: any host, over the socket)."""
+        if self.service_socket("ext", instance) is not None:
+            return "http://ext"
+        return f"http://{self.s.host}:{self.port(self.s.ext_port, instance)}"
 
     def port(self, base: int, instance: int) -> int:
         """Port of an instance: instance 0 uses the setting, instance i adds i × scale_port_step."""
@@ -317,6 +344,7 @@ class Stack:
         proc = subprocess.Popen(
             argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env={**os.environ, **(env or {})}, start_new_session=True, cwd=self.state,
+            umask=0o077,  # what the stack's processes write is theirs alone (SeaweedFS's volumes)
         )
         log.close()
         self.pidfile(name).write_text(str(proc.pid))
@@ -418,6 +446,7 @@ class Stack:
         s = self.s
         data = self.state / "s3"
         data.mkdir(parents=True, exist_ok=True)
+        _make_private(data)
         config = self.state / "s3.json"
         credentials.write_private_json(config, {
             "identities": [{
@@ -435,7 +464,7 @@ class Stack:
             f"-filer.port={s.weed_filer_port}", f"-filer.port.grpc={s.weed_filer_port + g}",
             "-filer", "-s3", f"-s3.port={s.s3_port}", f"-s3.port.grpc={s.s3_port + g}",
             "-s3.port.iceberg=0", "-s3.port.lance=0", f"-s3.config={config}",
-            f"-filer.localSocket={self.run_dir}/weed-filer.sock", f"-s3.localSocket={self.run_dir}/weed-s3.sock",
+            f"-filer.localSocket={self.run_dir}/weed-filer.sock", f"-s3.localSocket={self.s3_socket}",
             "-volume.max=0", "-master.volumeSizeLimitMB=1024", "-volume.index=memory",
             "-master.volumePreallocate=false", "-s3.iam=false",
             # One master, no peers: the default 10 s raft election timeout only delayed a
@@ -443,10 +472,88 @@ class Stack:
             "-master.electionTimeout=1s", "-master.telemetry=false",
         ]
 
+    @property
+    def s3_socket(self) -> Path:
+        """SeaweedFS's S3 API on a unix socket: the one way into SeaweedFS from outside its
+        network namespace (the s3relay nginx listens on s3_port and forwards to it)."""
+        return self.socket_dir / "weed-s3.sock"
+
     def _start_seaweedfs(self, secrets: credentials.StackSecrets) -> None:
-        self._spawn("seaweedfs", self.seaweed_argv(secrets), env={"GOMEMLIMIT": "400MiB", "GOGC": "50"})
-        _wait("SeaweedFS S3", lambda: _port_open(self.s.host, self.s.s3_port), 60, self.logfile("seaweedfs"))
+        # SeaweedFS runs in a network namespace of its own: its master, volume and filer
+        # (HTTP and gRPC) listen on that namespace's loopback, which no other process can
+        # reach; they answer anyone who reaches them, bypassing the S3 keys. Only its S3
+        # gateway is reachable, through the unix socket (owned by the relay's user, 0700 dir).
+        self.s3_socket.unlink(missing_ok=True)
+        ip = shutil.which("ip") or "/usr/sbin/ip"
+        # not root: a user namespace of its own carries the network namespace
+        private_net = ["unshare", "--net", *([] if self.is_root else ["--map-root-user"]), "--",
+                       "sh", "-c", f'{ip} link set lo up && exec "$0" "$@"']
+        self._spawn("seaweedfs", [*private_net, *self.seaweed_argv(secrets)],
+                    env={"GOMEMLIMIT": "400MiB", "GOGC": "50"})
+        _wait("SeaweedFS S3 socket", self.s3_socket.exists, 60, self.logfile("seaweedfs"))
+        ids = self._pg_user_ids()
+        if ids is not None and self.s3_socket.exists():
+            os.chown(self.s3_socket, *ids)  # the relay's workers run as that user
+        _wait("SeaweedFS S3", lambda: _http_ok(f"{self.s.s3_endpoint}/healthz"), 60, self.logfile("seaweedfs"))
         _wait("SeaweedFS bucket", lambda: self._ensure_bucket(secrets), 60, self.logfile("seaweedfs"))
+
+    def _start_seaweedfs_with_relay(self, secrets: credentials.StackSecrets) -> None:
+        self._start_s3relay()
+        if self._pid("seaweedfs") is None:  # never two on one data dir (no port would clash)
+            self._start_seaweedfs(secrets)
+        else:
+            _wait("SeaweedFS S3", lambda: _http_ok(f"{self.s.s3_endpoint}/healthz"), 60, self.logfile("seaweedfs"))
+
+    def s3relay_config(self) -> str:
+        """nginx that forwards s3_port to SeaweedFS's S3 socket, byte for byte (the Host
+        header and the raw URI stay, so SigV4 signatures hold), nothing buffered."""
+        ids = self._pg_user_ids()
+        tmp = self.daemon_dir / "nginx-tmp"
+        return "\n".join([
+            f"user {self.s.pg_os_user};" if ids else "",
+            "worker_processes 1;",
+            f"pid {self.state / 's3relay' / 'nginx.pid'};",
+            f"error_log {self.logfile('s3relay')} warn;",
+            "events { worker_connections 1024; }",
+            "http {",
+            "    access_log off;",
+            *(f"    {kind}_temp_path {tmp}/s3relay-{kind};" for kind in ("client_body", "proxy", "fastcgi",
+                                                                           "uwsgi", "scgi")),
+            f"    upstream weed_s3 {{ server unix:{self.s3_socket} max_fails=0; keepalive 32; }}",
+            "    server {",
+            f"        listen {self.s.host}:{self.s.s3_port};",
+            "        server_tokens off;",
+            "        client_max_body_size 0;",
+            "        client_body_buffer_size 64k;",
+            "        location / {",
+            "            proxy_pass http://weed_s3;",
+            "            proxy_http_version 1.1;",
+            '            proxy_set_header Connection "";',
+            "            proxy_set_header Host $http_host;",
+            "            proxy_request_buffering off;",
+            "            proxy_buffering off;",
+            "            proxy_buffer_size 64k;",
+            "            proxy_buffers 4 64k;",
+            "            proxy_busy_buffers_size 64k;",
+            "            proxy_read_timeout 300s;",
+            "            proxy_send_timeout 300s;",
+            "        }",
+            "    }",
+            "}",
+            "",
+        ])
+
+    def _start_s3relay(self) -> None:
+        if self._pid("s3relay") is not None:
+            return
+        self._prepare_daemon_dir()
+        prefix = self.state / "s3relay"
+        (prefix / "logs").mkdir(parents=True, exist_ok=True)
+        conf = prefix / "nginx.conf"
+        conf.write_text(self.s3relay_config())
+        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+        self._spawn("s3relay", [nginx, "-p", str(prefix), "-c", str(conf), "-g", "daemon off;"])
+        _wait("S3 relay (nginx)", lambda: _port_open(self.s.host, self.s.s3_port), 30, self.logfile("s3relay"))
 
     def _ensure_bucket(self, secrets: credentials.StackSecrets) -> bool:
         import boto3
@@ -491,6 +598,8 @@ class Stack:
             f"jwt-cache-max-lifetime = {s.pgrst_jwt_cache_s}",
             f'server-host = "{s.host}"',
             f"server-port = {self.port(s.pgrst_port, instance)}",
+            *([f'server-unix-socket = "{sock}"', 'server-unix-socket-mode = "666"']  # the 0700 dir guards it
+              if (sock := self.service_socket("postgrest", instance)) else []),
             f"admin-server-port = {self.port(s.pgrst_admin_port, instance)}",
             f'openapi-server-proxy-uri = "{s.proxy_url}"',
             'openapi-mode = "ignore-privileges"',
@@ -502,9 +611,14 @@ class Stack:
         name = _instance_name("postgrest", instance)
         conf = self.state / f"{name}.conf"
         credentials.write_private_text(conf, self.postgrest_config(secrets, instance))
+        sock = self.service_socket("postgrest", instance)
+        if sock is not None:
+            self._prepare_daemon_dir()
+            sock.unlink(missing_ok=True)
         self._spawn(name, [str(self.postgrest_bin), str(conf)])
         admin = f"http://{self.s.host}:{self.port(self.s.pgrst_admin_port, instance)}/ready"
-        _wait(f"PostgREST ({name})", lambda: _http_ok(admin), 60, self.logfile(name))
+        _wait(f"PostgREST ({name})", lambda: _http_ok(admin) and (sock is None or sock.exists()), 60,
+              self.logfile(name))
 
     # --- ext -------------------------------------------------------------------------------------
     def ext_env(self, secrets: credentials.StackSecrets, instance: int = 0) -> dict[str, str]:
@@ -523,7 +637,10 @@ class Stack:
             "TP_EXT_S3_REGION": s.s3_region,
             "TP_EXT_S3_BUCKET": s.bucket,
             "TP_EXT_POSTGREST_URL": f"http://{s.host}:{self.port(s.pgrst_admin_port, instance)}",
-            "TP_EXT_POSTGREST_API_URL": f"http://{s.host}:{self.port(s.pgrst_port, instance)}",
+            # PostgREST's API description (for /openapi.json): through the proxy when PostgREST
+            # listens on a socket (its `/` is PostgREST's)
+            "TP_EXT_POSTGREST_API_URL": s.proxy_url if s.service_sockets
+            else f"http://{s.host}:{self.port(s.pgrst_port, instance)}",
             "TP_EXT_ENVIRONMENT": "development",
             "TP_EXT_SMTP_HOST": s.host,
             "TP_EXT_SMTP_PORT": str(s.mail_port),
@@ -539,11 +656,19 @@ class Stack:
         shutil.rmtree(metrics_dir, ignore_errors=True)  # stale files of a previous run
         metrics_dir.mkdir(parents=True)
         uvicorn = shutil.which("uvicorn", path=str(self.venv_bin)) or "uvicorn"
-        argv = [uvicorn, "ext.main:app", "--host", self.s.host, "--port", str(port),
+        sock = self.service_socket("ext", instance)
+        if sock is not None:  # only nginx connects: it is the proxy whose headers count
+            self._prepare_daemon_dir()
+            sock.unlink(missing_ok=True)
+            listen, trusted = ["--uds", str(sock)], "*"
+        else:
+            listen, trusted = ["--host", self.s.host, "--port", str(port)], self.s.host
+        argv = [uvicorn, "ext.main:app", *listen,
                 "--workers", str(self.s.ext_workers), "--no-access-log", "--proxy-headers",
-                "--forwarded-allow-ips", self.s.host, "--app-dir", str(REPO_ROOT)]
+                "--forwarded-allow-ips", trusted, "--app-dir", str(REPO_ROOT)]
         self._spawn(name, argv, env=env)
-        _wait(f"ext ({name})", lambda: _http_ok(f"http://{self.s.host}:{port}/health"), 60, self.logfile(name))
+        _wait(f"ext ({name})", lambda: _http_ok(f"{self.ext_url(instance)}/health", uds=sock), 60,
+              self.logfile(name))
 
     # --- mail sink ---------------------------------------------------------------------------------
     @property
@@ -571,8 +696,8 @@ class Stack:
             "TP_NGINX_USER_DIRECTIVE": f"user {self.s.pg_os_user};" if ids else "",
             "TP_NGINX_ACCESS_LOG": str(self.logs / "nginx-access.log"),
             "TP_PROXY_LISTEN": f"{s.host}:{s.proxy_port}",
-            "TP_PGRST_UPSTREAM": self._upstream(s.pgrst_port),
-            "TP_EXT_UPSTREAM": self._upstream(s.ext_port),
+            "TP_PGRST_UPSTREAM": self._upstream("postgrest", s.pgrst_port),
+            "TP_EXT_UPSTREAM": self._upstream("ext", s.ext_port),
             "TP_MAX_API_BODY": s.max_api_body,
             "TP_MAX_UPLOAD_BODY": s.max_upload_body,
             "TP_AUTH_RATE": s.auth_rate,
@@ -580,10 +705,11 @@ class Stack:
             "TP_CORS_ORIGIN_REGEX": s.cors_origin_regex,
         }
 
-    def _upstream(self, base: int) -> str:
-        """host:port of each instance, for the template's `server ${…} max_fails=0;` line: with
-        scale N the value itself continues with `max_fails=0; server host:port` N-1 times."""
-        servers = [f"{self.s.host}:{self.port(base, i)}" for i in range(self.s.scale)]
+    def _upstream(self, component: str, base: int) -> str:
+        """unix:socket or host:port of each instance, for the template's `server ${…} max_fails=0;`
+        line: with scale N the value itself continues with `max_fails=0; server …` N-1 times."""
+        servers = [f"unix:{sock}" if (sock := self.service_socket(component, i))
+                   else f"{self.s.host}:{self.port(base, i)}" for i in range(self.s.scale)]
         return " max_fails=0; server ".join(servers)
 
     def _reload_nginx(self) -> None:
@@ -640,6 +766,19 @@ def _package_version(name: str) -> str:
         return f"{name} {version(name)}"
     except PackageNotFoundError:
         return "not installed"
+
+
+def _make_private(root: Path) -> None:
+    """root and everything below it: directories 0700, files 0600 (data written before
+    the stack set a umask was 0644)."""
+    os.chmod(root, 0o700)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for d in dirnames:
+            os.chmod(os.path.join(dirpath, d), 0o700)
+        for f in filenames:
+            path = os.path.join(dirpath, f)
+            if not os.path.islink(path):
+                os.chmod(path, 0o600)
 
 
 def _sha256(path: Path) -> str:

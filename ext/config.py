@@ -65,7 +65,7 @@ class ExtSettings(BaseSettings):
     idempotency_ttl_s: int = 24 * 3600
 
     postgrest_url: str = Field("http://127.0.0.1:13001", description="PostgREST admin server, for /ready")
-    postgrest_api_url: str = Field("http://127.0.0.1:13000",
+    postgrest_api_url: str = Field("http://127.0.0.1:13000",  # or unix:<PostgREST's socket>
                                    description="PostgREST's API server: its Swagger 2.0 at / goes into /openapi.json")
     openapi_cache_s: float = Field(30.0, description="how long ext reuses PostgREST's fetched API description")
     ready_timeout_s: float = 2.0

@@ -637,9 +637,9 @@ class Stack:
             "TP_EXT_S3_REGION": s.s3_region,
             "TP_EXT_S3_BUCKET": s.bucket,
             "TP_EXT_POSTGREST_URL": f"http://{s.host}:{self.port(s.pgrst_admin_port, instance)}",
-            # PostgREST's API description (for /openapi.json): through the proxy when PostgREST
-            # listens on a socket (its `/` is PostgREST's)
-            "TP_EXT_POSTGREST_API_URL": s.proxy_url if s.service_sockets
+            # PostgREST's API description (for /openapi.json): straight from its socket (the
+            # proxy's `/` is ext's own front door, which would ask ext again)
+            "TP_EXT_POSTGREST_API_URL": f"unix:{self.service_socket('postgrest', instance)}" if s.service_sockets
             else f"http://{s.host}:{self.port(s.pgrst_port, instance)}",
             "TP_EXT_ENVIRONMENT": "development",
             "TP_EXT_SMTP_HOST": s.host,

@@ -65,8 +65,11 @@ class _Cached:
 
 
 async def _fetch_postgrest(url: str, timeout: float) -> dict[str, Any]:
-    async with httpx.AsyncClient(timeout=timeout) as client:
-        r = await client.get(url.rstrip("/") + "/", headers={"Accept": "application/openapi+json"})
+    """PostgREST's own description from its root: `url` is http(s)://host:port or unix:<socket>."""
+    transport = httpx.AsyncHTTPTransport(uds=url.removeprefix("unix:")) if url.startswith("unix:") else None
+    base = "http://postgrest" if transport is not None else url.rstrip("/")
+    async with httpx.AsyncClient(timeout=timeout, transport=transport) as client:
+        r = await client.get(base + "/", headers={"Accept": "application/openapi+json"})
         r.raise_for_status()
         doc = r.json()
     if not isinstance(doc, dict) or doc.get("swagger") != "2.0":
@@ -86,11 +89,13 @@ async def _fetch_catalog(pool: AsyncConnectionPool, timeout: float) -> openapi.C
 
 def _ext_constraints(settings: SettingsDep) -> dict[str, dict[str, dict[str, Any]]]:
     """What ext's handlers check beyond their pydantic models, for the document."""
-    from ext.routers.auth import EMAIL
+    from ext import emails
 
     password = {"minLength": settings.password_min_length, "maxLength": settings.password_max_length}
-    # Python's \s (what ext checks) also matches U+001C..U+001F and U+0085; ECMA's does not
-    email = EMAIL.pattern.replace("\\s", "\\s\\x1c-\\x1f\\x85")
+    # What ext/emails.py accepts, as far as a pattern can say it (documented conservatively: printable
+    # ASCII but the space and @, around one @; the server also takes other letters)
+    part = f"[!-?A-~]{{1,{emails.MAX_PART_LENGTH}}}"
+    email = f"^{part}@{part}$"
     return {"SignupBody": {"email": {"pattern": email}, "password": password}}
 
 

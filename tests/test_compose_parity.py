@@ -472,7 +472,9 @@ def test_ext_env_has_every_local_variable(compose: dict[str, Any], local_stack: 
     # PostgREST's API description: in compose from PostgREST on the network; locally, where
     # PostgREST listens on a socket, through the proxy (whose `/` is PostgREST's)
     assert url_port(env["TP_EXT_POSTGREST_API_URL"]) == settings.pgrst_port
-    assert url_port(local["TP_EXT_POSTGREST_API_URL"]) == settings.proxy_port
+    # locally PostgREST's description comes straight from its socket (the proxy's / is ext's)
+    assert local["TP_EXT_POSTGREST_API_URL"].startswith("unix:") and local["TP_EXT_POSTGREST_API_URL"].endswith(
+        "postgrest.sock")
     assert url_host(env["TP_EXT_POSTGREST_API_URL"]) == "postgrest"
     assert env["TP_EXT_SMTP_HOST"] == "mail" and local["TP_EXT_SMTP_HOST"] == settings.host
     assert f"{settings.mail_port}" in env_of(compose, "mail")["MP_SMTP_BIND_ADDR"].rsplit(":", 1)

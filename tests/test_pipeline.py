@@ -145,7 +145,8 @@ def test_migration_0007_gives_every_existing_session_its_job(stack: Stack, secre
         with backend.lock():
             backend.apply_migrations(backend.to_apply(before))
         with psycopg.connect(url) as conn:
-            user = conn.execute("insert into app.users (email, account_role) values ('old@example.test', 'tp_user')"
+            user = conn.execute("insert into app.users (email, email_skeleton, account_role)"
+                                " values ('old@example.test', 'old@example.test', 'tp_user')"
                                 " returning id").fetchone()
             assert user is not None
             conn.execute("insert into app.sessions (user_id, size_bytes, sha256)"
@@ -491,7 +492,9 @@ def test_queue_metrics_on_ext_s_prometheus_endpoint_and_in_sql(
     tp._json("POST", f"/pipeline/jobs/{lease['id']}/complete", json={"lease_token": lease["lease_token"]})
     upload_session(person, team_suite["id"])  # one waiting
 
-    text = httpx.get(f"http://{stack.s.host}:{stack.s.ext_port}/metrics", timeout=30).text
+    sock = stack.service_socket("ext")  # ext's own socket (or port): not through the proxy
+    with httpx.Client(transport=httpx.HTTPTransport(uds=str(sock)) if sock else None, timeout=30) as direct:
+        text = direct.get(f"{stack.ext_url()}/metrics").text
     samples = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
                if line.startswith("tracepipe_pipeline")}
     for state in ("queued", "leased", "done", "failed", "dead"):

@@ -133,7 +133,14 @@ def _mail_verification(settings: ExtSettings, address: str, code: str) -> None:
             + f' with POST /auth/verify-email {{"token": "<code>"}}. It is valid for {hours:g} hours, once.\n\n'
             "If you did not sign up for Tracepipe, ignore this mail: the account cannot receive what is meant "
             "for this address until the code is used.\n")
-    mail.deliver_later(settings, mail.compose(settings, address, "Verify your Tracepipe email address", text))
+    try:
+        msg = mail.compose(settings, address, "Verify your Tracepipe email address", text)
+    except Exception as e:  # an address the mail library cannot put in a header (a domain literal...)
+        # The account exists and works; only this mail cannot be sent. Never a 500 after the commit.
+        log.warning("verification mail not sent: the address cannot be written as a mail header (%s)",
+                    type(e).__name__)
+        return
+    mail.deliver_later(settings, msg)
 
 
 async def _start_login(pool: PoolDep, keys: KeysDep, settings: SettingsDep, user_id: Any, role: str) -> TokenPair:

@@ -72,10 +72,9 @@ begin
     if suites is not null then
         select array_agg(s) into not_member from unnest(suites) s
         where not s = any (auth.suites_with('viewer'));
-        if not_member is not null then
-            raise exception using errcode = '22023',
-                message = 'a key can only be limited to suites you are a member of',
-                detail = array_to_string(not_member, ',');
+        if not_member is not null then  -- 403, and the same whether the suite exists or not
+            perform api_error.forbidden('a key can only be limited to suites you are a member of',
+                                        'Limit the key to suites listed in GET /users/me.');
         end if;
     end if;
     secret := prefix || '_' || encode(extensions.gen_random_bytes(24), 'hex');

@@ -313,9 +313,13 @@ def test_100_mib_round_trip_in_bounded_memory(team: dict[str, Any], stack: Stack
         for chunk in s.iter_bytes(1 << 20):
             h.update(chunk)
     assert h.hexdigest() == digest
-    limit = 150 * 1024 * 1024
-    assert upload_rss.peak < limit, f"ext peak RSS during upload {upload_rss.peak / 2**20:.0f} MiB"
-    assert stream_rss.peak < limit, f"ext peak RSS while streaming {stream_rss.peak / 2**20:.0f} MiB"
+    # Constant memory whatever the size: 100 MiB through a worker adds at most 48 MiB to it. (An
+    # absolute 150 MiB no longer separates the two: a worker that served the suite before sits
+    # near 140 MiB with tus, the queue and the email tables loaded.)
+    growth, limit = 48 * 1024 * 1024, 200 * 1024 * 1024
+    for what, rss in (("upload", upload_rss), ("stream", stream_rss)):
+        assert rss.peak - rss.start < growth, f"{what} grew ext by {(rss.peak - rss.start) / 2**20:.0f} MiB"
+        assert rss.peak < limit, f"ext peak RSS during {what} {rss.peak / 2**20:.0f} MiB"
     print(f"ext peak RSS: upload {upload_rss.peak / 2**20:.0f} MiB, stream {stream_rss.peak / 2**20:.0f} MiB")
 
 

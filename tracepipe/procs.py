@@ -58,12 +58,14 @@ def pss_bytes(pid: int) -> int:
 
 class PeakRss:
     """Samples every process of a tree every 50 ms. `peak` is the largest single process
-    seen (each uvicorn worker is bounded on its own), `peak_total` the largest sum."""
+    seen (each uvicorn worker is bounded on its own), `peak_total` the largest sum, `start`
+    the largest single process when sampling began (what the work added is peak - start)."""
 
     def __init__(self, root_pid: int) -> None:
         self.root = root_pid
         self.peak = 0
         self.peak_total = 0
+        self.start = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -75,6 +77,7 @@ class PeakRss:
             self._stop.wait(0.05)
 
     def __enter__(self) -> PeakRss:
+        self.start = max((rss_bytes(p) for p in process_tree(self.root)), default=0)
         self._thread.start()
         return self
 

@@ -84,6 +84,18 @@ async def as_caller(pool: AsyncConnectionPool, claims: dict[str, Any],
         yield conn
 
 
+# The role's own statement_timeout (ALTER ROLE … SET, for this database or all), as
+# PostgREST applies it to the requests it runs as that role: SET ROLE alone would keep
+# authenticator's longer bound for ext's queries as the caller.
+_ROLE_STATEMENT_TIMEOUT = (
+    "(select substr(s, length('statement_timeout=') + 1)"
+    " from pg_catalog.pg_db_role_setting d cross join unnest(d.setconfig) s"
+    " where d.setrole = (select oid from pg_catalog.pg_roles where rolname = %s)"
+    " and d.setdatabase in (0, (select oid from pg_catalog.pg_database where datname = current_database()))"
+    " and s like 'statement\\_timeout=%%' order by d.setdatabase desc limit 1)"
+)
+
+
 async def become_caller(conn: psycopg.AsyncConnection[Any], claims: dict[str, Any],
                         request_id: str | None = None) -> None:
     """Inside an open transaction: the token's role and claims, set locally, and the
@@ -91,8 +103,10 @@ async def become_caller(conn: psycopg.AsyncConnection[Any], claims: dict[str, An
     try:
         await conn.execute(
             "select set_config('role', %s, true), set_config('request.jwt.claims', %s, true),"
-            " set_config('application_name', %s, true)",
-            [claims["role"], json.dumps(claims), f"tracepipe-ext {request_id or ''}".strip()],
+            " set_config('application_name', %s, true),"
+            " set_config('statement_timeout', coalesce(" + _ROLE_STATEMENT_TIMEOUT + ","
+            " current_setting('statement_timeout')), true)",
+            [claims["role"], json.dumps(claims), f"tracepipe-ext {request_id or ''}".strip(), claims["role"]],
         )
     except psycopg.errors.InsufficientPrivilege:
         raise unauthorized("the token's role is not one a token may carry") from None

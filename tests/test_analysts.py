@@ -9,6 +9,8 @@ examples rows are written with the superuser for setup only.
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import json
 import re
 import time
@@ -497,10 +499,31 @@ def test_authenticator_and_ext_caller_transactions_are_bounded(stack: Stack, sec
     assert expected != "0"
     with psycopg.connect(stack.authenticator_url(secrets)) as conn:
         assert conn.execute("show statement_timeout").fetchone() == (expected,)
-        # What ext.db.as_caller does: the role switch keeps authenticator's bound.
+        # A bare role switch keeps authenticator's bound ...
         conn.execute("select set_config('role', 'tp_user', true)")
         assert conn.execute("select current_user, current_setting('statement_timeout')").fetchone() == (
             "tp_user", expected)
+
+
+def test_ext_queries_as_the_caller_get_the_callers_statement_timeout(
+        stack: Stack, secrets: Any, su: psycopg.Connection[dict[str, Any]], make_user: Callable[..., User]) -> None:
+    """... so ext.db.become_caller applies the caller role's own statement_timeout, as
+    PostgREST does for the requests it runs as that role (tp_user: 8 s, not 60 s)."""
+    from ext.db import become_caller
+    expected = normalized(su, "statement_timeout", stack.s.statement_timeout_user)
+    assert expected != normalized(su, "statement_timeout", stack.s.statement_timeout_authenticator)
+    payload = make_user().token.split(".")[1]
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    assert claims["role"] == "tp_user"
+
+    async def caller_timeout() -> tuple[Any, ...] | None:
+        async with await psycopg.AsyncConnection.connect(stack.authenticator_url(secrets)) as conn, \
+                conn.transaction():
+            await become_caller(conn, claims)
+            cur = await conn.execute("select current_user, current_setting('statement_timeout')")
+            return await cur.fetchone()
+
+    assert asyncio.run(caller_timeout()) == ("tp_user", expected)
 
 
 def test_the_slow_log_carries_no_bind_parameters(stack: Stack, secrets: Any,

@@ -24,7 +24,7 @@ up: $(STAMP)  ## start the whole local stack in the background; prints the proxy
 down: $(STAMP)  ## stop the local stack
 	$(if $(SCALE),TP_SCALE=$(SCALE) )$(TP) down
 
-status: $(STAMP)  ## each component's state, port and pid
+status: $(STAMP)  ## each component's state, pid and address (port or unix socket)
 	$(TP) status
 
 migrate: $(STAMP)  ## apply pending migrations, then the API surface and policies

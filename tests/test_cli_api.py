@@ -27,6 +27,7 @@ from tracepipe import demo
 from tracepipe.cli import build_parser
 from tracepipe.client import Client
 from tracepipe.progress import ProgressLine, human_bytes
+from tracepipe.stack import Stack
 
 Run = Callable[..., Any]
 UUID = re.compile(r"\b[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b")
@@ -431,3 +432,17 @@ def test_demo_twice_adds_nothing_but_a_key(env: dict[str, str], demo_run: tuple[
         assert len(tp.list_examples({"metadata->>source": "eq.demo"})) == 18
     line = fails(env, "demo", "--password", "not the demo password", code=3)
     assert "exists with another password" in line
+
+
+def test_status_names_each_component_where_it_listens(stack: Stack, stack_env: dict[str, str]) -> None:
+    """`tracepipe status` shows the address each component really listens on: PostgREST and
+    ext on their unix sockets (TP_SERVICE_SOCKETS), not the loopback ports they no longer bind."""
+    out = run_cli(stack_env, "status").stdout.splitlines()
+    rows = {line.split()[0]: line.split() for line in out[1:] if line and not line.startswith("proxy:")}
+    assert {"postgres", "seaweedfs", "postgrest", "ext", "nginx"} <= set(rows), out
+    assert all(row[1] == "up" for row in rows.values()), out
+    for name in ("postgrest", "ext"):
+        socket = stack.service_socket(name)
+        assert socket is not None and socket.is_socket()
+        assert rows[name][3] == str(socket), out
+    assert rows["nginx"][3] == str(stack.s.proxy_port), out

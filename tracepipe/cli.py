@@ -53,10 +53,12 @@ def cmd_status(_: argparse.Namespace) -> int:
     stack = _stack()
     statuses = stack.status()
     versions = stack.versions()
-    print(f"{'component':<10} {'state':<10} {'port':<6} {'pid':<8} version")
+    width = max(6, *(len(st.address) for st in statuses))
+    print(f"{'component':<10} {'state':<10} {'pid':<8} {'address':<{width}} version")
     for st in statuses:
         state = "up" if st.healthy else ("unhealthy" if st.pid else "down")
-        print(f"{st.name:<10} {state:<10} {st.port:<6} {st.pid or '-'!s:<8} {versions[st.name.split('-')[0]]}")
+        print(f"{st.name:<10} {state:<10} {st.pid or '-'!s:<8} {st.address:<{width}} "
+              f"{versions[st.name.split('-')[0]]}")
     print(f"proxy: {stack.s.proxy_url}")
     return 0 if all(st.healthy for st in statuses) else 1
 
@@ -253,8 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("up", help="start the whole local stack (installs and migrates as needed), print its URL"
                    ).set_defaults(func=cmd_up)
     sub.add_parser("down", help="stop the local stack").set_defaults(func=cmd_down)
-    sub.add_parser("status", help="each component: state, port, pid (exit 1 unless all are up)"
-                   ).set_defaults(func=cmd_status)
+    sub.add_parser("status", help="each component: state, pid, address (port or unix socket), version"
+                                  " (exit 1 unless all are up)").set_defaults(func=cmd_status)
     logs = sub.add_parser("logs", help="the last lines of a component's log (all components when omitted)")
     logs.add_argument("component", nargs="?",
                       help=f"one of {', '.join(COMPONENTS)} (instances of a scaled stack: ext-1, postgrest-1, …)")

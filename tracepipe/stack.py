@@ -47,7 +47,7 @@ class StackError(RuntimeError):
 class ComponentStatus:
     name: str
     pid: int | None
-    port: int
+    address: str  # a loopback port, or the unix socket a service listens on (TP_SERVICE_SOCKETS)
     healthy: bool
 
 
@@ -263,8 +263,10 @@ class Stack:
             component, i = _split_instance(name)
             port = {"postgres": s.pg_port, "seaweedfs": s.s3_port, "postgrest": self.port(s.pgrst_port, i),
                     "ext": self.port(s.ext_port, i), "nginx": s.proxy_port, "mail": s.mail_port}[component]
+            socket = self.service_socket(component, i) if component in ("postgrest", "ext") else None
             pid = self._pid(name)
-            out.append(ComponentStatus(name, pid, port, pid is not None and self._answers(component, i)))
+            out.append(ComponentStatus(name, pid, str(socket or port),
+                                       pid is not None and self._answers(component, i)))
         return out
 
     def _answers(self, component: str, instance: int) -> bool:

@@ -377,42 +377,30 @@ def check_session(user: User, session_id: str, path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_tuspy_killed_mid_upload_resumes_from_the_servers_offset(
+@pytest.mark.parametrize("client", ["tuspy", "tus-js-client"])
+def test_a_client_killed_mid_upload_resumes_from_the_servers_offset(
         stack: Stack, make_user: Callable[..., User], su: psycopg.Connection[dict[str, Any]], bucket: Bucket,
-        big_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        big_bundle: Path, tmp_path: Path, request: pytest.FixtureRequest, capsys: pytest.CaptureFixture[str],
+        client: str) -> None:
     user = make_user()
-    argv = [sys.executable, "-c", TUSPY, f"{stack.s.proxy_url}/uploads", user.token, str(big_bundle),
-            str(tmp_path / "tuspy-urls.json"), str(8 * MiB)]
+    url, size = f"{stack.s.proxy_url}/uploads", big_bundle.stat().st_size
+    if client == "tuspy":
+        argv = [sys.executable, "-c", TUSPY, url, user.token, str(big_bundle), str(tmp_path / "urls.json"),
+                str(8 * MiB)]
+    else:
+        node = shutil.which("node")
+        assert node, "node is needed (scripts/bootstrap.sh installs npm, which brings it)"
+        # One PATCH for the whole file (tus-js-client's default chunkSize is the whole file):
+        # the server keeps what arrived before the kill, part by part.
+        argv = [node, str(request.getfixturevalue("tus_js")), url, user.token, str(big_bundle),
+                str(tmp_path / "urls.json"), str(size)]
     with PeakRss(ext_workers(stack)) as rss:
         session_id, offset = kill_mid_upload_and_resume(argv, user, su, big_bundle)
     assert session_id == str(the_upload(su, user)["session_id"])  # type: ignore[index]
     check_session(user, session_id, big_bundle)
     assert not bucket.open_uploads(f"sessions/{session_id}/")
     with capsys.disabled():
-        print(f"\n[tuspy, {big_bundle.stat().st_size / MiB:.0f} MiB, killed at {offset / MiB:.0f} MiB]"
-              f" ext peak RSS: {rss.report()}")
-    assert rss.peak < RSS_BOUND, rss.report()
-
-
-@pytest.mark.slow
-def test_tus_js_client_killed_mid_upload_resumes_from_the_servers_offset(
-        stack: Stack, make_user: Callable[..., User], su: psycopg.Connection[dict[str, Any]], bucket: Bucket,
-        big_bundle: Path, tmp_path: Path, tus_js: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    node = shutil.which("node")
-    assert node, "node is needed (scripts/bootstrap.sh installs npm, which brings it)"
-    user = make_user()
-    # One PATCH for the whole file (tus-js-client's default chunkSize is the whole file): the
-    # server keeps what arrived before the kill, part by part.
-    argv = [node, str(tus_js), f"{stack.s.proxy_url}/uploads", user.token, str(big_bundle),
-            str(tmp_path / "js-urls.json"), str(big_bundle.stat().st_size)]
-    with PeakRss(ext_workers(stack)) as rss:
-        session_id, offset = kill_mid_upload_and_resume(argv, user, su, big_bundle)
-    assert session_id == str(the_upload(su, user)["session_id"])  # type: ignore[index]
-    check_session(user, session_id, big_bundle)
-    assert not bucket.open_uploads(f"sessions/{session_id}/")
-    with capsys.disabled():
-        print(f"\n[tus-js-client, {big_bundle.stat().st_size / MiB:.0f} MiB, killed at {offset / MiB:.0f} MiB]"
-              f" ext peak RSS: {rss.report()}")
+        print(f"\n[{client}, {size / MiB:.0f} MiB, killed at {offset / MiB:.0f} MiB] ext peak RSS: {rss.report()}")
     assert rss.peak < RSS_BOUND, rss.report()
 
 

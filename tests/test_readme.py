@@ -54,8 +54,6 @@ def test_readme_trying_it_runs_top_to_bottom(base_url: str) -> None:
     check(run(trying_it(), base_url, f"{unique('ada')}@example.test"))
 
 
-@pytest.mark.xfail(reason="slugs are unique across all accounts: a second person's `checkout` clashes "
-                          "(the lead makes them unique per creator)", strict=False)
 def test_readme_trying_it_runs_again_for_another_person(base_url: str) -> None:
     """Someone else following the README on the same stack (after the test above) gets their
     own `checkout` suite, and learns nothing of the first person's."""

@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
+import yaml
 
 from tracepipe import credentials, pooler
 from tracepipe.ports import free_stack_ports
@@ -201,3 +202,23 @@ def test_the_pipeline_listen_stays_on_a_direct_connection(pstack: Stack) -> None
                             " where application_name = 'tracepipe-ext pipeline listener'").fetchall()
     assert rows and all(r[0] for r in rows), rows  # over TCP, not from PgBouncer's socket
     assert len(rows) == pstack.s.scale * pstack.s.ext_workers
+
+
+def test_compose_pgbouncer_runs_the_local_configuration() -> None:
+    """A file test (no stack): docker-compose.yml's PgBouncer has the local settings."""
+    from tests.test_compose_parity import resolve
+
+    compose = resolve(yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text()))
+    settings = StackSettings(state_dir=Path(tempfile.gettempdir()) / "tp-never-created")
+
+    def section(text: str, name: str) -> dict[str, str]:
+        body = text.split(f"[{name}]", 1)[1].split("\n[", 1)[0]
+        return {k.strip(): v.strip() for k, _, v in (line.partition("=") for line in body.splitlines() if "=" in line)}
+
+    local = section(pooler.config(Stack(settings)), "pgbouncer")
+    there = section(compose["configs"]["pgbouncer_ini"]["content"], "pgbouncer")
+    places = {"listen_addr", "listen_port", "auth_file", "pidfile"}
+    assert {k: v for k, v in there.items() if k not in places} == {k: v for k, v in local.items() if k not in places}
+    dbs = compose["configs"]["pgbouncer_ini"]["content"].split("[databases]")[1].split("[pgbouncer]")[0]
+    assert f"pool_size={settings.pooler_identity_pool_size} connect_query='set role tp_auth'" in dbs
+    assert "pgbouncer=1.18." in compose["services"]["pgbouncer"]["build"]["dockerfile_inline"]

@@ -27,14 +27,17 @@ from tracepipe.ports import free_stack_ports, port_is_free
 from tracepipe.settings import REPO_ROOT, StackSettings
 from tracepipe.stack import Stack
 
+MAX_LAG_S = 1.0
+
 
 @pytest.fixture(scope="module")
 def rstack() -> Iterator[Stack]:
-    ports, (replica_port, pooler_port) = free_stack_ports(extra=2)
+    ports, (replica_port, pooler_port, ro_port, ro_admin_port) = free_stack_ports(extra=4)
     state = Path(tempfile.mkdtemp(prefix="tp-test-replica-"))
     state.chmod(0o755)
     settings = StackSettings(state_dir=state, tools_dir=REPO_ROOT / ".tools", replica=True,
-                             replica_port=replica_port, pooler_port=pooler_port, **ports)
+                             replica_port=replica_port, pooler_port=pooler_port, replica_pgrst_port=ro_port,
+                             replica_pgrst_admin_port=ro_admin_port, replica_max_lag_s=MAX_LAG_S, **ports)
     st = Stack(settings)
     try:
         st.up()
@@ -218,6 +221,105 @@ def test_revoking_an_analyst_ends_its_sessions_on_the_replica(env: dict[str, str
             conn.execute("select 1")
     with pytest.raises(psycopg.OperationalError):
         psycopg.connect(url, connect_timeout=10)
+
+
+# --- API reads on the replica ---------------------------------------------------------------------------
+
+def served_by(st: Stack, request_id: str) -> str:
+    """The upstream(s) nginx asked for a request (its access log), e.g. "unix:/…/postgrest_ro.sock"."""
+    log = st.logs / "nginx-access.log"
+    for _ in range(100):  # nginx writes the line as the request ends
+        for line in reversed(log.read_text(errors="replace").splitlines()):
+            if f'"request_id":"{request_id}"' in line:
+                return str(json.loads(line)["upstream"])
+        time.sleep(0.05)
+    raise AssertionError(f"request {request_id} is not in the access log")
+
+
+def read(client: httpx.Client, st: Stack, path: str, **headers: str) -> tuple[httpx.Response, list[str]]:
+    rid = uuid.uuid4().hex
+    r = client.get(path, headers={"X-Request-Id": rid, **headers})
+    return r, [u.strip() for u in served_by(st, rid).split(",")]
+
+
+def replica_api(st: Stack) -> str:
+    return f"unix:{st.service_socket(replica.PGRST)}"
+
+
+def new_suite(client: httpx.Client) -> tuple[httpx.Response, str]:
+    slug = f"s-{uuid.uuid4().hex[:10]}"
+    r = client.post("/suites", json={"name": slug, "slug": slug}, headers={"Prefer": "return=representation"})
+    assert r.status_code == 201, r.text
+    return r, r.json()[0]["id"]
+
+
+def test_reads_go_to_the_replica_and_a_writer_reads_its_own_write_at_once(rstack: Stack) -> None:
+    writer = signup(rstack)
+    r, suite_id = new_suite(writer)
+    cookie = r.headers.get("set-cookie", "")
+    assert cookie.startswith("tp_primary=1;") and f"Max-Age={rstack.s.read_your_writes_s}" in cookie, r.headers
+    # the writer (its cookie): at once, from the primary
+    got, upstreams = read(writer, rstack, f"/suites?id=eq.{suite_id}")
+    assert got.status_code == 200 and len(got.json()) == 1, got.text
+    assert replica_api(rstack) not in upstreams, upstreams
+    # the same caller without the cookie (another device): from the replica, once replayed
+    other = httpx.Client(base_url=rstack.s.proxy_url, timeout=30, headers={"Authorization":
+                                                                            writer.headers["Authorization"]})
+    caught_up(rstack)
+    got, upstreams = read(other, rstack, f"/suites?id=eq.{suite_id}")
+    assert got.status_code == 200 and len(got.json()) == 1, got.text
+    assert upstreams == [replica_api(rstack)], upstreams
+    # asking for the primary; and RPCs (GET /users/me is /rpc/me) never go to the replica
+    for path, headers in ((f"/suites?id=eq.{suite_id}", {"TP-Read-Primary": "1"}), ("/users/me", {})):
+        got, upstreams = read(other, rstack, path, **headers)
+        assert got.status_code == 200, got.text
+        assert replica_api(rstack) not in upstreams, (path, upstreams)
+    assert "set-cookie" not in got.headers  # reads set no cookie
+
+
+def test_a_stopped_replica_sends_reads_to_the_primary_and_back_it_is_used_again(rstack: Stack) -> None:
+    client = signup(rstack)
+    _, suite_id = new_suite(client)
+    client.cookies.clear()
+    caught_up(rstack)
+    rstack.stop_component("replica")
+    try:
+        for _ in range(10):
+            got, upstreams = read(client, rstack, f"/suites?id=eq.{suite_id}")
+            assert got.status_code == 200 and len(got.json()) == 1, got.text
+            assert upstreams[-1] != replica_api(rstack), upstreams
+    finally:
+        rstack.start_component("replica")
+    for _ in range(600):  # PostgREST reconnects with a backoff of its own
+        got, upstreams = read(client, rstack, f"/suites?id=eq.{suite_id}")
+        assert got.status_code == 200 and len(got.json()) == 1, got.text
+        if upstreams == [replica_api(rstack)]:
+            break
+        time.sleep(0.2)
+    assert upstreams == [replica_api(rstack)], upstreams
+
+
+def test_a_lagging_replica_sends_reads_to_the_primary(rstack: Stack) -> None:
+    client = signup(rstack)
+    caught_up(rstack)
+    with standby(rstack) as su:
+        su.execute("select pg_wal_replay_pause()")
+        try:
+            _, suite_id = new_suite(client)
+            client.cookies.clear()
+            statuses, fresh = [], None
+            for _ in range(600):  # the replica answers until it is MAX_LAG_S behind
+                got, upstreams = read(client, rstack, f"/suites?id=eq.{suite_id}")
+                statuses.append(got.status_code)
+                if got.json():
+                    fresh = upstreams
+                    break
+                time.sleep(0.05)
+            assert set(statuses) == {200}, statuses
+            assert fresh is not None and fresh[-1] != replica_api(rstack), fresh
+            assert replica.lag(rstack)["replay_lag_bytes"] > 0  # type: ignore[index]
+        finally:
+            su.execute("select pg_wal_replay_resume()")
 
 
 def test_the_replica_stops_and_starts_with_the_stack(rstack: Stack) -> None:

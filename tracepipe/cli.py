@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 
-from tracepipe import analysts, cli_api, credentials, migrate, pooler
+from tracepipe import analysts, cli_api, credentials, migrate, pooler, replica
 from tracepipe.settings import StackSettings
 from tracepipe.stack import COMPONENTS, Stack, StackError
 
@@ -58,8 +58,6 @@ def cmd_status(_: argparse.Namespace) -> int:
         state = "up" if st.healthy else ("unhealthy" if st.pid else "down")
         print(f"{st.name:<10} {state:<10} {st.port:<6} {st.pid or '-'!s:<8} {versions[st.name.split('-')[0]]}")
     if stack.s.replica:
-        from tracepipe import replica
-
         print(f"replica: {replica.describe_lag(stack)}")
     print(f"proxy: {stack.s.proxy_url}")
     return 0 if all(st.healthy for st in statuses) else 1
@@ -100,6 +98,7 @@ def cmd_migrate(_: argparse.Namespace) -> int:
     migrate.bootstrap(stack.superuser_conninfo("postgres"), stack.s, secrets)
     applied = migrate.migrate(stack.owner_url(secrets))
     pooler.reload_postgrest(stack)  # PostgREST behind PgBouncer does not LISTEN for the reload
+    replica.reload_postgrest(stack)
     print(f"applied {len(applied)} migration(s){': ' + ', '.join(applied) if applied else ''}; API surface re-applied")
     return 0
 

@@ -228,3 +228,147 @@ def session_count(stack: Stack, user: str) -> int:
     except psycopg.OperationalError:
         return 0
     return int(row[0]) if row else 0
+
+
+# --- API reads on the replica (a PostgREST pool of its own; nginx routes GET/HEAD to it) -----------
+PGRST = "postgrest_ro"
+
+# Created on the primary by the superuser (replicated like everything else). lagging() is the
+# one SECURITY DEFINER part (pg_stat_wal_receiver shows its state to the privileged only);
+# check_request() runs as the request's role, as PostgREST's pre-request hook on the replica.
+LAG_SQL = """
+create schema if not exists tp_replica authorization postgres;
+revoke all on schema tp_replica from public;
+create or replace function tp_replica.lagging() returns boolean
+language sql stable security definer set search_path = pg_catalog, pg_temp as $$
+    select pg_is_in_recovery() and (
+        coalesce((select status <> 'streaming' from pg_stat_wal_receiver), true)
+        or (pg_last_wal_receive_lsn() is distinct from pg_last_wal_replay_lsn()
+            and now() - pg_last_xact_replay_timestamp() > make_interval(secs => {max_lag})))
+$$;
+create or replace function tp_replica.check_request() returns void
+language plpgsql stable set search_path = pg_catalog, pg_temp as $$
+begin
+    if tp_replica.lagging() then  -- PostgREST answers 503; nginx asks the primary's PostgREST
+        raise sqlstate 'PT503' using message = 'the read replica is behind the primary',
+            hint = 'the proxy retries this read on the primary';
+    end if;
+    perform auth.check_request();
+end
+$$;
+revoke all on function tp_replica.lagging(), tp_replica.check_request() from public;
+grant usage on schema tp_replica to anon, tp_user, tp_pipeline, tp_admin, tp_auth, authenticator;
+grant execute on function tp_replica.lagging(), tp_replica.check_request()
+    to anon, tp_user, tp_pipeline, tp_admin, tp_auth, authenticator;
+"""
+
+
+def reads_on(settings: StackSettings) -> bool:
+    return settings.replica and settings.replica_reads
+
+
+def pgrst_names(settings: StackSettings) -> list[str]:
+    return [PGRST] if reads_on(settings) else []
+
+
+def prepare_reads(stack: Stack) -> None:
+    with psycopg.connect(stack.superuser_conninfo(), autocommit=True) as conn:
+        conn.execute(LAG_SQL.replace("{max_lag}", repr(float(stack.s.replica_max_lag_s))))
+        lsn = current_lsn(conn)
+    wait_replayed(stack, lsn)
+
+
+def postgrest_config(stack: Stack, secrets: credentials.StackSecrets) -> str:
+    """The primary's PostgREST configuration, on the replica: its own ports and socket, the
+    lag-checking pre-request hook, no schema LISTEN (a standby cannot LISTEN)."""
+    s = stack.s
+    sock = stack.service_socket(PGRST)
+    override = {
+        "db-uri": f'"postgresql://authenticator:{secrets.authenticator_password}@{s.host}:{s.replica_port}/'
+                  f'{s.db_name}"',
+        "db-pre-request": '"tp_replica.check_request"',
+        "server-port": str(s.replica_pgrst_port),
+        "admin-server-port": str(s.replica_pgrst_admin_port),
+        "db-channel-enabled": "false",
+        **({"server-unix-socket": f'"{sock}"'} if sock is not None else {}),
+    }
+    lines = []
+    for line in stack.postgrest_config(secrets, 0).splitlines():
+        key = line.partition("=")[0].strip()
+        if key in ("db-prepared-statements", *override):  # the replica is reached directly
+            continue
+        if line:
+            lines.append(line)
+    lines += [f"{k} = {v}" for k, v in override.items()]
+    return "\n".join([*lines, ""])
+
+
+def start_postgrest(stack: Stack, secrets: credentials.StackSecrets) -> None:
+    from tracepipe.stack import _http_ok, _wait
+
+    prepare_reads(stack)
+    conf = stack.state / f"{PGRST}.conf"
+    credentials.write_private_text(conf, postgrest_config(stack, secrets))
+    sock = stack.service_socket(PGRST)
+    if sock is not None:
+        stack._prepare_daemon_dir()
+        sock.unlink(missing_ok=True)
+    stack._spawn(PGRST, [str(stack.postgrest_bin), str(conf)])
+    admin = f"http://{stack.s.host}:{stack.s.replica_pgrst_admin_port}/ready"
+    _wait(f"PostgREST ({PGRST})", lambda: _http_ok(admin) and (sock is None or sock.exists()), 60,
+          stack.logfile(PGRST))
+
+
+def pgrst_ready(stack: Stack) -> bool:
+    from tracepipe.stack import _http_ok
+
+    return _http_ok(f"http://{stack.s.host}:{stack.s.replica_pgrst_admin_port}/ready")
+
+
+def nginx_snippet(stack: Stack) -> str:
+    """proxy/tracepipe/replica_reads.conf for this stack: the read pool (the replica's
+    PostgREST, the primary's as backup) and the read-your-writes cookie."""
+    s = stack.s
+
+    def server(component: str, base: int, i: int) -> str:
+        sock = stack.service_socket(component, i)
+        return f"unix:{sock}" if sock is not None else f"{s.host}:{stack.port(base, i)}"
+
+    primary = [server("postgrest", s.pgrst_port, i) for i in range(s.scale)]
+    if reads_on(s):
+        fail_s = max(1, round(s.replica_max_lag_s))
+        servers = [f"server {server(PGRST, s.replica_pgrst_port, 0)} max_fails=1 fail_timeout={fail_s}s;",
+                   *(f"server {p} backup;" for p in primary)]
+        cookie = f'"tp_primary=1; Max-Age={s.read_your_writes_s}; Path=/; HttpOnly; SameSite=Lax"'
+    else:
+        servers, cookie = [f"server {p} max_fails=0;" for p in primary], '""'
+    template = (stack_repo_proxy() / "replica_reads.conf").read_text()
+    head, _, rest = template.partition("upstream tp_postgrest_read {")
+    _, _, rest = rest.partition("}\n")
+    upstream = "\n".join(["upstream tp_postgrest_read {", *(f"    {x}" for x in servers),
+                          "    keepalive 64;", "    keepalive_timeout 20s;", "}", ""])
+    rest = rest.replace('    default "";\n}', f"    default {cookie};\n}}")
+    return head + upstream + rest
+
+
+def stack_repo_proxy() -> Path:
+    from tracepipe.settings import REPO_ROOT
+
+    return REPO_ROOT / "proxy" / "tracepipe"
+
+
+def render_nginx(stack: Stack, conf_dir: Path) -> None:
+    (conf_dir / "replica_reads.conf").write_text(nginx_snippet(stack))
+
+
+def reload_postgrest(stack: Stack) -> None:
+    """After a migrate: the replica's PostgREST reloads its schema once the replica has it."""
+    import signal
+
+    pid = stack.pid_of(PGRST)
+    if pid is None:
+        return
+    with psycopg.connect(stack.superuser_conninfo(), autocommit=True) as conn:
+        lsn = current_lsn(conn)
+    wait_replayed(stack, lsn)
+    os.kill(pid, signal.SIGUSR1)

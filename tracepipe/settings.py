@@ -123,3 +123,12 @@ class StackSettings(BaseSettings):
     pooler_max_client_conn: int = Field(2000, description="client connections PgBouncer accepts")
     pooler_query_wait_timeout_s: int = Field(
         10, description="seconds a client waits for a server connection before PgBouncer fails its query")
+    replica_reads: bool = Field(True, description="with a replica: a PostgREST pool on it serves GET/HEAD of the API"
+                                                  " (not /rpc/); everything else stays on the primary")
+    replica_pgrst_port: int = Field(13090, description="port of the replica's PostgREST (API; a socket by default)")
+    replica_pgrst_admin_port: int = Field(13091, description="admin port (/ready) of the replica's PostgREST")
+    replica_max_lag_s: float = Field(
+        5.0, description="a replica further behind than this answers no API read: nginx asks the primary")
+    read_your_writes_s: int = Field(
+        10, description="after a write, the caller's reads go to the primary this long (cookie tp_primary);"
+                        " keep it above replica_max_lag_s")

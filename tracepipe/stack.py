@@ -218,7 +218,7 @@ class Stack:
         names = ["postgres", *replica.names(self.s), *pooler.names(self.s), "seaweedfs", "mail"]
         for component in ("postgrest", "ext"):
             names += [component] + [f"{component}-{i}" for i in range(1, self.s.scale)]
-        return [*names, "nginx"]
+        return [*names, *replica.pgrst_names(self.s), "nginx"]
 
     def destroy(self) -> None:
         """Stops the stack and removes everything it wrote: the state dir and, when the
@@ -231,7 +231,7 @@ class Stack:
 
     def _surplus_instances(self) -> list[str]:
         """Instances left running by an earlier, larger scale."""
-        optional = {n for n in (replica.NAME, pooler.NAME) if self.pidfile(n).exists()}  # turned off
+        optional = {n for n in (replica.NAME, pooler.NAME, replica.PGRST) if self.pidfile(n).exists()}  # turned off
         return sorted(({p.stem for p in self.run_dir.glob("*-[0-9]*.pid")} | optional) - set(self.process_names()))
 
     def down(self) -> None:
@@ -263,6 +263,7 @@ class Stack:
             "mail": self._start_mail,
             replica.NAME: lambda: replica.start(self),
             pooler.NAME: lambda: pooler.start(self, secrets),
+            replica.PGRST: lambda: replica.start_postgrest(self, secrets),
         }
         starters[component]()
 
@@ -273,7 +274,8 @@ class Stack:
             component, i = _split_instance(name)
             port = {"postgres": s.pg_port, "seaweedfs": s.s3_port, "postgrest": self.port(s.pgrst_port, i),
                     "ext": self.port(s.ext_port, i), "nginx": s.proxy_port, "mail": s.mail_port,
-                    replica.NAME: s.replica_port, pooler.NAME: s.pooler_port}[component]
+                    replica.NAME: s.replica_port, pooler.NAME: s.pooler_port,
+                    replica.PGRST: s.replica_pgrst_port}[component]
             pid = self._pid(name)
             out.append(ComponentStatus(name, pid, port, pid is not None and self._answers(component, i)))
         return out
@@ -283,6 +285,8 @@ class Stack:
         if component in ("postgres", "mail", replica.NAME, pooler.NAME):
             return _port_open(s.host, {"postgres": s.pg_port, "mail": s.mail_port, replica.NAME: s.replica_port,
                                        pooler.NAME: s.pooler_port}[component])
+        if component == replica.PGRST:
+            return replica.pgrst_ready(self)
         if component == "ext":
             return _http_ok(f"{self.ext_url(instance)}/health", uds=self.service_socket("ext", instance))
         url = {"seaweedfs": f"{s.s3_endpoint}/healthz",  # through the relay, so both answer
@@ -338,6 +342,7 @@ class Stack:
             "mail": _package_version("aiosmtpd"),
             replica.NAME: first_line([str(self.pg_bindir / "postgres"), "--version"]),
             pooler.NAME: first_line([pooler.binary(), "--version"]),
+            replica.PGRST: first_line([str(self.postgrest_bin), "--version"]),
         }
 
     def pid_of(self, name: str) -> int | None:
@@ -455,6 +460,7 @@ class Stack:
         migrate.bootstrap(self.superuser_conninfo("postgres"), self.s, secrets)
         migrate.migrate(self.owner_url(secrets))
         pooler.reload_postgrest(self)
+        replica.reload_postgrest(self)
 
     # --- SeaweedFS ---------------------------------------------------------------------------
     def seaweed_argv(self, secrets: credentials.StackSecrets) -> list[str]:
@@ -744,6 +750,7 @@ class Stack:
         proxy = REPO_ROOT / "proxy"
         for snippet in (proxy / "tracepipe").glob("*.conf"):
             shutil.copyfile(snippet, conf_dir / snippet.name)
+        replica.render_nginx(self, conf_dir)
         server = render_template((proxy / "tracepipe.conf.template").read_text(), values)
         (conf_dir / "tracepipe.conf").write_text(server)
         main = nginx_dir / "nginx.conf"

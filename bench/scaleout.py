@@ -35,9 +35,11 @@ def throwaway(scale: int = 1, **fields: Any) -> Iterator[Stack]:
     state = Path(tempfile.mkdtemp(prefix="tp-bench-scaleout-"))
     state.chmod(0o755)
     ports, (replica_port, pooler_port, ro_port, ro_admin) = free_stack_ports(scale=scale, extra=4)
-    st = Stack(StackSettings(state_dir=state, tools_dir=REPO_ROOT / ".tools", scale=scale, replica_port=replica_port,
-                             pooler_port=pooler_port, replica_pgrst_port=ro_port, replica_pgrst_admin_port=ro_admin,
-                             auth_rate="100000r/s", auth_burst=100000, **ports, **fields))
+    settings: dict[str, Any] = {
+        "state_dir": state, "tools_dir": REPO_ROOT / ".tools", "scale": scale, "replica_port": replica_port,
+        "pooler_port": pooler_port, "replica_pgrst_port": ro_port, "replica_pgrst_admin_port": ro_admin,
+        "auth_rate": "100000r/s", "auth_burst": 100000, **ports, **fields}  # the load exchanges keys
+    st = Stack(StackSettings(**settings))
     try:
         st.up()
         yield st

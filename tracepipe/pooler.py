@@ -156,8 +156,8 @@ def start(stack: Stack, secrets: credentials.StackSecrets) -> None:
     try:
         proc = subprocess.Popen(
             [binary(), str(d / "pgbouncer.ini")], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True, cwd=d, umask=0o077,
-            **({"user": ids[0], "group": ids[1], "extra_groups": []} if ids is not None else {}))
+            start_new_session=True, cwd=d, umask=0o077, user=ids[0] if ids else None,
+            group=ids[1] if ids else None, extra_groups=[] if ids else None)
     except OSError as e:
         raise StackError(f"PgBouncer could not start ({binary()}): {e}; `make bootstrap` installs it") from None
     finally:

@@ -149,7 +149,8 @@ def start(stack: Stack) -> None:
                               capture_output=True, text=True)
         except subprocess.CalledProcessError as e:
             raise StackError(f"pg_basebackup for the read replica failed: {e.stderr.strip()}") from None
-    # primary_conninfo (written by -R) carries the password: keep it current with the role's
+    # primary_conninfo (written by -R, 0600 in the data dir) carries the password of replication.json,
+    # which prepare_primary sets on the role again at every start
     stack._as_pg_user([str(bindir / "pg_ctl"), "-D", str(data), "-l", str(log_file(stack)), "-o",
                        server_options(stack), "-w", "-t", "120", "start"], stdout=subprocess.DEVNULL)
     pid = (data / "postmaster.pid").read_text().split()[0]

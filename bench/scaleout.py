@@ -12,9 +12,11 @@ beside what it replaces, in one run on throwaway stacks of its own.
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import threading
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -54,6 +56,31 @@ def _authenticator_connections(st: Stack) -> int:
     return int(row[0]) if row else 0
 
 
+def _with_an_analyst_query(st: Stack, measure: Callable[[], LoadResult]) -> LoadResult:
+    """measure() while an analyst (its real login, on the replica) runs a CPU-bound query
+    that its statement_timeout ends; on one machine the two still share its cores."""
+    from tracepipe import analysts
+
+    name = "bench_" + uuid.uuid4().hex[:8]
+    url = analysts.create(st.s, name, None)
+    started = threading.Event()
+
+    def query() -> None:
+        with psycopg.connect(url, autocommit=True) as conn:
+            started.set()
+            with contextlib.suppress(psycopg.Error):  # its timeout, or the revoke ending it
+                conn.execute("select count(*) from generate_series(1, 2000000000)")
+
+    worker = threading.Thread(target=query)
+    worker.start()
+    try:
+        started.wait(30)
+        return measure()
+    finally:
+        analysts.revoke(st.s, name)
+        worker.join()
+
+
 def reads(run: Any) -> None:
     p = run.profile
     run.phase("scaleout: reads on primary, replica, both")
@@ -77,10 +104,14 @@ def reads(run: Any) -> None:
                                    p90_ms=max(x.p90_ms for x in pair), p99_ms=max(x.p99_ms for x in pair),
                                    requests=sum(x.requests for x in pair), errors=sum(x.errors for x in pair)))
         m_one, m_ro, m_both = median_result(one), median_result(ro), median_result(both)
+        busy = _with_an_analyst_query(st, lambda: wrk(url, headers=primary_h, duration_s=p.duration_s,
+                                                      warmup_s=p.warmup_s))
         base = "1 PostgREST on the primary (TP-Read-Primary: 1), 32 conns"
         run.add("GET one suite: the replica's PostgREST pool, 32 conns: req/s", m_ro.rps, "req/s", base, m_one.rps)
         run.add("GET one suite: primary + replica PostgREST side by side, 16 + 16 conns: req/s", m_both.rps,
                 "req/s", base, m_one.rps)
+        run.add("GET one suite on the primary while an analyst's query runs on the replica: p99", busy.p99_ms,
+                "ms", f"{base}: p99", m_one.p99_ms)
         run.add("GET one suite: primary + replica side by side: p99", m_both.p99_ms, "ms", f"{base}: p99",
                 m_one.p99_ms)
 

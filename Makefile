@@ -18,11 +18,11 @@ $(TEST_STAMP): $(STAMP) scripts/bootstrap-test.sh
 	scripts/bootstrap-test.sh
 	touch $@
 
-up: $(STAMP)  ## start the whole local stack in the background; prints the proxy URL (SCALE=N: N PostgREST and ext)
-	$(if $(SCALE),TP_SCALE=$(SCALE) )$(TP) up
+up: $(STAMP)  ## start the whole local stack in the background; prints the proxy URL (SCALE=N: N PostgREST and ext; REPLICA=1: a read replica; POOLER=1: PgBouncer)
+	$(if $(SCALE),TP_SCALE=$(SCALE) )$(if $(REPLICA),TP_REPLICA=$(REPLICA) )$(if $(POOLER),TP_POOLER=$(POOLER) )$(TP) up
 
 down: $(STAMP)  ## stop the local stack
-	$(if $(SCALE),TP_SCALE=$(SCALE) )$(TP) down
+	$(if $(SCALE),TP_SCALE=$(SCALE) )$(if $(REPLICA),TP_REPLICA=$(REPLICA) )$(if $(POOLER),TP_POOLER=$(POOLER) )$(TP) down
 
 status: $(STAMP)  ## each component's state, pid and address (port or unix socket)
 	$(TP) status

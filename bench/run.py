@@ -601,13 +601,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--running", action="store_true",
                         help="benchmark the running stack of the TP_* environment instead of a throwaway one")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where latest.{json,md,meta.json} go")
-    parser.add_argument("--only", choices=("pipeline",), help="run only this phase (development)")
+    parser.add_argument("--only", choices=("pipeline", "scaleout"),
+                        help="run only this phase; scaleout: the read replica and PgBouncer (bench/scaleout.py),"
+                             " on throwaway stacks of their own")
+    parser.add_argument("--scale", type=int, default=2, help="--only scaleout: instances of PostgREST and ext")
     args = parser.parse_args(argv)
     profile = QUICK if args.quick else FULL
     if shutil.which("wrk") is None:
         print("bench: wrk is missing (apt-get install wrk; scripts/bootstrap.sh does)", file=sys.stderr)
         return 2
     meta: dict[str, Any] = {"profile": profile.name, "machine": machine(), "loadavg_start": _loadavg()}
+    if args.only == "scaleout":
+        from bench.scaleout import scaleout
+
+        run = Run(profile, None, Path(tempfile.gettempdir()), meta=meta)  # type: ignore[arg-type]
+        scaleout(run, args.scale)
+        run.phase("done")
+        meta["loadavg_end"] = _loadavg()
+        meta["seconds"] = round(time.monotonic() - START, 1)
+        md = write_results(run.figures, meta, args.out)
+        print(md)
+        return 0
     opener = BenchStack.running if args.running else BenchStack.throwaway
     work = Path(tempfile.mkdtemp(prefix="tp-bench-work-"))
     try:

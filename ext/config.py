@@ -138,3 +138,27 @@ class ExtSettings(BaseSettings):
                                                     "are aborted")
     tus_max_patches: int = Field(16, description="PATCHes one ext worker takes at once (each holds a database "
                                                 "connection of its own for its lock)")
+
+    # Behind a transaction pooler (PgBouncer, tracepipe/pooler.py): database_url is the
+    # pooler's; what needs one server session of its own goes around it.
+    database_session_url: str = Field(
+        "", description="connection URL for session-bound work (the pipeline's LISTEN, tus's advisory locks):"
+                        " PostgreSQL directly, never a transaction pooler; empty: database_url")
+    database_identity_url: str = Field(
+        "", description="connection URL of the key-exchange pool (role tp_auth for the session); behind a"
+                        " transaction pooler a pool whose server connections are tp_auth; empty: database_url")
+    db_prepared_statements: bool = Field(
+        True, description="psycopg's server-side prepared statements (after 5 runs of a query); off behind a"
+                          " transaction pooler, which hands each transaction any server connection")
+
+    @property
+    def session_url(self) -> str:
+        return self.database_session_url or self.database_url
+
+    @property
+    def identity_url(self) -> str:
+        return self.database_identity_url or self.database_url
+
+    @property
+    def prepare_threshold(self) -> int | None:
+        return 5 if self.db_prepared_statements else None

@@ -47,7 +47,7 @@ def make_pool(settings: ExtSettings) -> AsyncConnectionPool:
         max_size=settings.db_pool_max,
         timeout=settings.db_pool_timeout_s,
         kwargs={"connect_timeout": settings.db_connect_timeout_s, "application_name": "tracepipe-ext",
-                "row_factory": dict_row},
+                "row_factory": dict_row, "prepare_threshold": settings.prepare_threshold},
         open=False,
         check=idle_check(settings.db_check_idle_s),
     )
@@ -63,12 +63,12 @@ def make_identity_pool(settings: ExtSettings) -> AsyncConnectionPool:
     LOCAL ROLE, the query and COMMIT on the main pool were four. tp_auth may only run the
     identity functions; nothing else uses this pool."""
     return AsyncConnectionPool(
-        settings.database_url,
+        settings.identity_url,
         min_size=1,
         max_size=settings.db_identity_pool_max,
         timeout=settings.db_pool_timeout_s,
         kwargs={"connect_timeout": settings.db_connect_timeout_s, "application_name": "tracepipe-ext identity",
-                "row_factory": dict_row, "autocommit": True},
+                "row_factory": dict_row, "autocommit": True, "prepare_threshold": settings.prepare_threshold},
         open=False,
         configure=_become_identity_service,
         check=idle_check(settings.db_check_idle_s),

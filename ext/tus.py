@@ -70,7 +70,7 @@ async def _unlock_all(conn: psycopg.AsyncConnection[Any]) -> None:
 def make_lock_pool(settings: ExtSettings) -> AsyncConnectionPool:
     """Connections held by PATCH and DELETE for their upload's lock (released on return)."""
     return AsyncConnectionPool(
-        settings.database_url, min_size=1, max_size=settings.tus_max_patches, timeout=settings.db_pool_timeout_s,
+        settings.session_url, min_size=1, max_size=settings.tus_max_patches, timeout=settings.db_pool_timeout_s,
         kwargs={"connect_timeout": settings.db_connect_timeout_s, "application_name": "tracepipe-ext tus",
                 "row_factory": dict_row},
         open=False, check=idle_check(settings.db_check_idle_s), reset=_unlock_all)

@@ -34,6 +34,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from tracepipe import replica
 from tracepipe.settings import StackSettings
 from tracepipe.stack import Stack, StackError
 
@@ -160,6 +161,12 @@ def create(settings: StackSettings, name: str, suites: list[uuid.UUID] | None) -
         conn.execute(sql.SQL("comment on role {} is {}").format(ident, sql.Literal(comment)))
         conn.execute("insert into app.analysts (role_name, suites) values (%s, %s)", [name, suites])
         conn.commit()
+        if stack.s.replica:  # the URL works once the replica has the role (tracepipe/replica.py)
+            if not replica.wait_replayed(stack, replica.current_lsn(conn)):
+                raise StackError(f"analyst {name} was created, but the read replica has not replayed it yet"
+                                 f" (`tracepipe status` shows its lag); its URL: "
+                                 f"{replica.url(stack.s, name, password)}")
+            return replica.url(stack.s, name, password)
     return f"postgresql://{name}:{password}@{settings.host}:{settings.pg_port}/{settings.db_name}"
 
 
@@ -184,6 +191,9 @@ def revoke(settings: StackSettings, name: str) -> int:
             row = conn.execute("select count(*) filter (where pg_terminate_backend(pid, 5000))"
                                " from pg_stat_activity where usename = %s", [name]).fetchone()
             ended = int(row[0]) if row else 0
+            if stack.s.replica:  # its sessions there too, once the replica knows it may not log in
+                replica.wait_replayed(stack, replica.current_lsn(conn))
+                ended += replica.terminate_sessions(stack, name)
         with conn.transaction():
             if role is not None:
                 conn.execute(sql.SQL("drop owned by {}").format(sql.Identifier(name)))
@@ -213,7 +223,11 @@ def list_analysts(settings: StackSettings) -> list[dict[str, Any]]:
             order by 1
         """, [GROUP])
         cols = [c.name for c in cur.description or []]
-        return [dict(zip(cols, row, strict=True)) for row in cur.fetchall()]
+        rows = [dict(zip(cols, row, strict=True)) for row in cur.fetchall()]
+    if stack.s.replica:
+        for r in rows:
+            r["sessions"] += replica.session_count(stack, r["name"])
+    return rows
 
 
 # --- CLI ------------------------------------------------------------------------------------------------
@@ -226,6 +240,8 @@ def cmd_create(args: argparse.Namespace) -> int:
     guards = " ".join(f"{k}={v}" for k, v in guard_settings(settings).items())
     print(f"analyst {args.name} created, reads {scope} through the analytics schema")
     print(f"guards: {guards} connection_limit={settings.analyst_connection_limit}")
+    if Stack(settings).s.replica:
+        print(f"connects to the read replica (port {settings.replica_port}): nothing it runs reaches the primary")
     print("the password is shown only this once; connect with:")
     print(url)
     return 0

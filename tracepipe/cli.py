@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 
-from tracepipe import analysts, cli_api, credentials, migrate
+from tracepipe import analysts, cli_api, credentials, migrate, pooler, replica
 from tracepipe.settings import StackSettings
 from tracepipe.stack import COMPONENTS, Stack, StackError
 
@@ -59,6 +59,8 @@ def cmd_status(_: argparse.Namespace) -> int:
         state = "up" if st.healthy else ("unhealthy" if st.pid else "down")
         print(f"{st.name:<10} {state:<10} {st.pid or '-'!s:<8} {st.address:<{width}} "
               f"{versions[st.name.split('-')[0]]}")
+    if stack.s.replica:
+        print(f"replica: {replica.describe_lag(stack)}")
     print(f"proxy: {stack.s.proxy_url}")
     return 0 if all(st.healthy for st in statuses) else 1
 
@@ -97,6 +99,8 @@ def cmd_migrate(_: argparse.Namespace) -> int:
     secrets = credentials.load_or_create(stack.state)
     migrate.bootstrap(stack.superuser_conninfo("postgres"), stack.s, secrets)
     applied = migrate.migrate(stack.owner_url(secrets))
+    pooler.reload_postgrest(stack)  # PostgREST behind PgBouncer does not LISTEN for the reload
+    replica.reload_postgrest(stack)
     print(f"applied {len(applied)} migration(s){': ' + ', '.join(applied) if applied else ''}; API surface re-applied")
     return 0
 

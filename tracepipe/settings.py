@@ -105,3 +105,30 @@ class StackSettings(BaseSettings):
     @property
     def s3_endpoint(self) -> str:
         return f"http://{self.host}:{self.s3_port}"
+
+    # --- read replica and pooler (issue 17: tracepipe/replica.py, tracepipe/pooler.py) ---
+    replica: bool = Field(False, description="run a physical streaming replica of PostgreSQL (make up REPLICA=1);"
+                                             " analysts get its URL")
+    replica_port: int = Field(15433, description="port of the streaming replica (hot standby)")
+    replica_shared_buffers: str = Field("128MB", description="shared_buffers of the replica")
+    replica_max_slot_wal_keep_size: str = Field(
+        "1GB", description="WAL the primary keeps for a stopped replica's slot before giving the slot up")
+    pooler: bool = Field(False, description="PgBouncer (transaction pooling) between PostgREST/ext and the primary"
+                                            " (make up POOLER=1)")
+    pooler_port: int = Field(16432, description="port PgBouncer listens on (loopback)")
+    pooler_pool_size: int = Field(20, ge=1, description="server connections PgBouncer opens to the primary for"
+                                                        " every PostgREST and ext instance together")
+    pooler_identity_pool_size: int = Field(
+        4, ge=1, description="server connections of ext's key-exchange pool (role tp_auth for the session)")
+    pooler_max_client_conn: int = Field(2000, description="client connections PgBouncer accepts")
+    pooler_query_wait_timeout_s: int = Field(
+        10, description="seconds a client waits for a server connection before PgBouncer fails its query")
+    replica_reads: bool = Field(True, description="with a replica: a PostgREST pool on it serves GET/HEAD of the API"
+                                                  " (not /rpc/); everything else stays on the primary")
+    replica_pgrst_port: int = Field(13090, description="port of the replica's PostgREST (API; a socket by default)")
+    replica_pgrst_admin_port: int = Field(13091, description="admin port (/ready) of the replica's PostgREST")
+    replica_max_lag_s: float = Field(
+        5.0, description="a replica further behind than this answers no API read: nginx asks the primary")
+    read_your_writes_s: int = Field(
+        10, description="after a write, the caller's reads go to the primary this long (cookie tp_primary);"
+                        " keep it above replica_max_lag_s")

@@ -27,7 +27,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from tracepipe import credentials
+from tracepipe import credentials, pooler, replica
 from tracepipe.settings import (
     POSTGREST_NPM_PACKAGE,
     POSTGREST_SHA256,
@@ -36,7 +36,7 @@ from tracepipe.settings import (
     StackSettings,
 )
 
-COMPONENTS = ("postgres", "seaweedfs", "postgrest", "ext", "nginx", "mail")
+COMPONENTS = ("postgres", "seaweedfs", "postgrest", "ext", "nginx", "mail", "pgbouncer")
 
 
 class StackError(RuntimeError):
@@ -96,6 +96,7 @@ class Stack:
         if "scale" not in settings.model_fields_set and scale_file.exists():
             # the scale of the last `up` holds until another is asked for
             settings = settings.model_copy(update={"scale": int(scale_file.read_text())})
+        settings = pooler.remembered(self.state, replica.remembered(self.state, settings))
         self.s = settings
         self.run_dir = self.state / "run"
         self.logs = self.state / "logs"
@@ -112,6 +113,8 @@ class Stack:
     def logfile(self, name: str) -> Path:
         if name == "postgres":
             return self.daemon_dir / "postgres.log"
+        if name == replica.NAME:
+            return replica.log_file(self)
         return self.logs / f"{name}.log"
 
     @property
@@ -194,6 +197,8 @@ class Stack:
         secrets = credentials.load_or_create(self.state)
         credentials.ensure_signing_key(self.state)
         (self.state / "scale").write_text(str(self.s.scale))
+        replica.remember(self)
+        pooler.remember(self)
         for name in self._surplus_instances():  # scaling down
             self.stop_component(name)
         running = {st.name for st in statuses if st.healthy}
@@ -210,10 +215,10 @@ class Stack:
     def process_names(self) -> list[str]:
         """Every process of the stack in start order; with scale N, PostgREST and ext run
         N instances each ("postgrest", "postgrest-1", …), stateless behind nginx."""
-        names = ["postgres", "seaweedfs", "mail"]
+        names = ["postgres", *replica.names(self.s), *pooler.names(self.s), "seaweedfs", "mail"]
         for component in ("postgrest", "ext"):
             names += [component] + [f"{component}-{i}" for i in range(1, self.s.scale)]
-        return [*names, "nginx"]
+        return [*names, *replica.pgrst_names(self.s), "nginx"]
 
     def destroy(self) -> None:
         """Stops the stack and removes everything it wrote: the state dir and, when the
@@ -226,7 +231,8 @@ class Stack:
 
     def _surplus_instances(self) -> list[str]:
         """Instances left running by an earlier, larger scale."""
-        return sorted({p.stem for p in self.run_dir.glob("*-[0-9]*.pid")} - set(self.process_names()))
+        optional = {n for n in (replica.NAME, pooler.NAME, replica.PGRST) if self.pidfile(n).exists()}  # turned off
+        return sorted(({p.stem for p in self.run_dir.glob("*-[0-9]*.pid")} | optional) - set(self.process_names()))
 
     def down(self) -> None:
         for name in reversed(self.process_names() + self._surplus_instances()):
@@ -236,6 +242,8 @@ class Stack:
         """Stops one component (the others keep running); SIGTERM, then SIGKILL after grace."""
         if name == "postgres":
             self._stop_postgres()
+        elif name == replica.NAME:
+            replica.stop(self)
         else:
             self._stop_pid(name, grace=grace if grace is not None else (20.0 if name == "seaweedfs" else 10.0))
         if name == "seaweedfs":
@@ -253,6 +261,9 @@ class Stack:
             "ext": lambda: self._start_ext(secrets, instance),
             "nginx": self._start_nginx,
             "mail": self._start_mail,
+            replica.NAME: lambda: replica.start(self),
+            pooler.NAME: lambda: pooler.start(self, secrets),
+            replica.PGRST: lambda: replica.start_postgrest(self, secrets),
         }
         starters[component]()
 
@@ -262,8 +273,11 @@ class Stack:
         for name in self.process_names():
             component, i = _split_instance(name)
             port = {"postgres": s.pg_port, "seaweedfs": s.s3_port, "postgrest": self.port(s.pgrst_port, i),
-                    "ext": self.port(s.ext_port, i), "nginx": s.proxy_port, "mail": s.mail_port}[component]
-            socket = self.service_socket(component, i) if component in ("postgrest", "ext") else None
+                    "ext": self.port(s.ext_port, i), "nginx": s.proxy_port, "mail": s.mail_port,
+                    replica.NAME: s.replica_port, pooler.NAME: s.pooler_port,
+                    replica.PGRST: s.replica_pgrst_port}[component]
+            socket = (self.service_socket(component, i)
+                      if component in ("postgrest", "ext", replica.PGRST) else None)
             pid = self._pid(name)
             out.append(ComponentStatus(name, pid, str(socket or port),
                                        pid is not None and self._answers(component, i)))
@@ -271,8 +285,11 @@ class Stack:
 
     def _answers(self, component: str, instance: int) -> bool:
         s = self.s
-        if component in ("postgres", "mail"):
-            return _port_open(s.host, {"postgres": s.pg_port, "mail": s.mail_port}[component])
+        if component in ("postgres", "mail", replica.NAME, pooler.NAME):
+            return _port_open(s.host, {"postgres": s.pg_port, "mail": s.mail_port, replica.NAME: s.replica_port,
+                                       pooler.NAME: s.pooler_port}[component])
+        if component == replica.PGRST:
+            return replica.pgrst_ready(self)
         if component == "ext":
             return _http_ok(f"{self.ext_url(instance)}/health", uds=self.service_socket("ext", instance))
         url = {"seaweedfs": f"{s.s3_endpoint}/healthz",  # through the relay, so both answer
@@ -326,6 +343,9 @@ class Stack:
             "ext": f"tracepipe {version('tracepipe')}",
             "nginx": first_line([shutil.which("nginx") or "/usr/sbin/nginx", "-v"]),
             "mail": _package_version("aiosmtpd"),
+            replica.NAME: first_line([str(self.pg_bindir / "postgres"), "--version"]),
+            pooler.NAME: first_line([pooler.binary(), "--version"]),
+            replica.PGRST: first_line([str(self.postgrest_bin), "--version"]),
         }
 
     def pid_of(self, name: str) -> int | None:
@@ -442,6 +462,8 @@ class Stack:
 
         migrate.bootstrap(self.superuser_conninfo("postgres"), self.s, secrets)
         migrate.migrate(self.owner_url(secrets))
+        pooler.reload_postgrest(self)
+        replica.reload_postgrest(self)
 
     # --- SeaweedFS ---------------------------------------------------------------------------
     def seaweed_argv(self, secrets: credentials.StackSecrets) -> list[str]:
@@ -586,7 +608,7 @@ class Stack:
         s = self.s
         jwks = credentials.jwt_dir(self.state) / "jwks.json"
         return "\n".join([
-            f'db-uri = "{self.authenticator_url(secrets)}"',
+            f'db-uri = "{pooler.client_url(self, secrets)}"',
             'db-schemas = "api"',
             'db-anon-role = "anon"',
             'db-pre-request = "auth.check_request"',
@@ -606,6 +628,7 @@ class Stack:
             f'openapi-server-proxy-uri = "{s.proxy_url}"',
             'openapi-mode = "ignore-privileges"',
             'log-level = "error"',
+            *pooler.postgrest_lines(s),
             "",
         ])
 
@@ -626,7 +649,7 @@ class Stack:
     def ext_env(self, secrets: credentials.StackSecrets, instance: int = 0) -> dict[str, str]:
         s = self.s
         return {
-            "TP_EXT_DATABASE_URL": self.authenticator_url(secrets),
+            "TP_EXT_DATABASE_URL": pooler.client_url(self, secrets),
             "TP_EXT_JWT_KEYS_DIR": str(credentials.jwt_dir(self.state)),
             "TP_EXT_JWT_ISSUER": s.jwt_issuer,
             "TP_EXT_JWT_AUDIENCE": s.jwt_audience,
@@ -648,6 +671,7 @@ class Stack:
             "TP_EXT_SMTP_PORT": str(s.mail_port),
             # prometheus_client's multiprocess mode: one directory shared by the workers
             "PROMETHEUS_MULTIPROC_DIR": str(self.run_dir / f"{_instance_name('ext', instance)}-metrics"),
+            **pooler.ext_env(self, secrets),
         }
 
     def _start_ext(self, secrets: credentials.StackSecrets, instance: int = 0) -> None:
@@ -729,6 +753,7 @@ class Stack:
         proxy = REPO_ROOT / "proxy"
         for snippet in (proxy / "tracepipe").glob("*.conf"):
             shutil.copyfile(snippet, conf_dir / snippet.name)
+        replica.render_nginx(self, conf_dir)
         server = render_template((proxy / "tracepipe.conf.template").read_text(), values)
         (conf_dir / "tracepipe.conf").write_text(server)
         main = nginx_dir / "nginx.conf"

@@ -70,7 +70,7 @@ class JobSignal:
         while True:
             try:
                 conn = await psycopg.AsyncConnection.connect(
-                    s.database_url, autocommit=True, connect_timeout=max(1, round(s.db_connect_timeout_s)),
+                    s.session_url, autocommit=True, connect_timeout=max(1, round(s.db_connect_timeout_s)),
                     application_name="tracepipe-ext pipeline listener")
                 async with conn:
                     await conn.execute(f"listen {CHANNEL}")

@@ -45,7 +45,7 @@ DUMMY = credentials.StackSecrets(owner_password="owner-pw", authenticator_passwo
 # Compose-only variables: everything else named TP_* must be a StackSettings variable, with
 # the same default, so one environment configures both ways of running.
 COMPOSE_ONLY_VARS = {
-    "TP_POSTGRES_PASSWORD", "TP_OWNER_PASSWORD", "TP_AUTHENTICATOR_PASSWORD",
+    "TP_POSTGRES_PASSWORD", "TP_OWNER_PASSWORD", "TP_AUTHENTICATOR_PASSWORD", "TP_REPLICATION_PASSWORD",
     "TP_S3_ACCESS_KEY", "TP_S3_SECRET_KEY", "TP_UID", "TP_GID", "TP_PUBLIC_URL", "TP_EXT_ENVIRONMENT",
 }
 SECRET_NAME = re.compile(r"PASSWORD|SECRET|ACCESS_KEY")
@@ -297,6 +297,7 @@ def test_dockerfile_python_and_user_and_no_stack_extra() -> None:
 PUBLISHED_FIELDS = {
     "nginx": ["proxy_port"],
     "postgres": ["pg_port"],
+    "replica": ["replica_port"],
     "postgrest": ["pgrst_admin_port"],  # the API port and ext's are for nginx alone
     "ext": [],
     "seaweedfs": ["s3_port"],
@@ -384,6 +385,32 @@ def test_postgres_runs_like_the_local_cluster(compose: dict[str, Any], local_sta
     command = service(compose, "postgres")["command"]
     assert command[0] == "postgres"
     assert dict(command[i + 1].split("=", 1) for i, o in enumerate(command) if o == "-c") == local_c
+
+
+def test_the_replica_runs_like_the_local_one(compose: dict[str, Any], local_stack: Stack) -> None:
+    """The `replica` service: the primary's image, the local replica's server options (minus its
+    port, socket dir and listen address), streaming as tp_replicator from a slot, whose password
+    the migrate job sets on the role."""
+    from tracepipe import replica
+
+    svc = service(compose, "replica")
+    assert svc["image"] == service(compose, "postgres")["image"]
+    assert svc["build"] == service(compose, "postgres")["build"]
+    assert svc["profiles"] == ["replica"] and svc["user"] == "postgres"
+    script = " ".join(svc["command"]).replace("\\\n", " ")
+    local = shlex.split(replica.server_options(local_stack))
+    local_c = dict(local[i + 1].split("=", 1) for i, o in enumerate(local) if o == "-c")
+    local_c.pop("listen_addresses")
+    served = shlex.split(script[script.index("exec postgres"):])
+    assert dict(served[i + 1].split("=", 1) for i, o in enumerate(served) if o == "-c") == local_c
+    backup = shlex.split(script[script.index("pg_basebackup"):script.index(";", script.index("pg_basebackup"))])
+    assert backup[backup.index("-U") + 1] == replica.ROLE and backup[backup.index("-S") + 1] == replica.SLOT
+    assert "-R" in backup
+    assert env_of(compose, "replica")["PGPASSWORD"] == env_of(compose, "migrate")["TP_REPLICATION_PASSWORD"]
+    hba = compose["configs"]["replication_hba"]["content"]
+    assert f"host replication {replica.ROLE} all scram-sha-256" in hba
+    assert any(c["source"] == "replication_hba" and c["target"].startswith("/docker-entrypoint-initdb.d/")
+               for c in service(compose, "postgres")["configs"])
 
 
 # --- SeaweedFS -----------------------------------------------------------------------------------------

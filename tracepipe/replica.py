@@ -91,23 +91,30 @@ def _password(stack: Stack) -> str:
 def prepare_primary(stack: Stack) -> str:
     """The replication role (least privilege, its password (re)set) and the slot; returns the password."""
     password = _password(stack)
-    s = stack.s
     with psycopg.connect(stack.superuser_conninfo("postgres"), autocommit=True) as conn:
-        verifier = conn.pgconn.encrypt_password(password.encode(), ROLE.encode(), b"scram-sha-256").decode()
-        if conn.execute("select 1 from pg_roles where rolname = %s", [ROLE]).fetchone() is None:
-            conn.execute(sql.SQL("create role {} login replication").format(sql.Identifier(ROLE)))
-        conn.execute(sql.SQL("alter role {} login replication nosuperuser nocreatedb nocreaterole noinherit"
-                             " nobypassrls connection limit 2 password {}").format(sql.Identifier(ROLE),
-                                                                                    sql.Literal(verifier)))
-        # CONNECT on a database is not needed to stream; none is granted (PUBLIC has none).
-        conn.execute(sql.SQL("comment on role {} is {}").format(
-            sql.Identifier(ROLE), sql.Literal("Streams WAL to the read replica (tracepipe/replica.py).")))
-        conn.execute(sql.SQL("alter system set max_slot_wal_keep_size = {}").format(
-            sql.Literal(s.replica_max_slot_wal_keep_size)))
-        conn.execute("select pg_reload_conf()")
-        if conn.execute("select 1 from pg_replication_slots where slot_name = %s", [SLOT]).fetchone() is None:
-            conn.execute("select pg_create_physical_replication_slot(%s, true)", [SLOT])
+        ensure_primary(conn, password, stack.s)
     return password
+
+
+def ensure_primary(conn: psycopg.Connection[Any], password: str, s: StackSettings, *, slot: bool = True) -> None:
+    """On the primary, as a superuser (autocommit): the replication role with `password`, the
+    WAL cap and (`slot`) the slot. The local stack's prepare_primary runs it; so does compose's
+    migrate job, without the slot: there the replica's first pg_basebackup creates it (-C),
+    so a compose stack without the `replica` profile keeps no WAL for a replica that never came."""
+    verifier = conn.pgconn.encrypt_password(password.encode(), ROLE.encode(), b"scram-sha-256").decode()
+    if conn.execute("select 1 from pg_roles where rolname = %s", [ROLE]).fetchone() is None:
+        conn.execute(sql.SQL("create role {} login replication").format(sql.Identifier(ROLE)))
+    conn.execute(sql.SQL("alter role {} login replication nosuperuser nocreatedb nocreaterole noinherit"
+                         " nobypassrls connection limit 2 password {}").format(sql.Identifier(ROLE),
+                                                                                sql.Literal(verifier)))
+    # CONNECT on a database is not needed to stream; none is granted (PUBLIC has none).
+    conn.execute(sql.SQL("comment on role {} is {}").format(
+        sql.Identifier(ROLE), sql.Literal("Streams WAL to the read replica (tracepipe/replica.py).")))
+    conn.execute(sql.SQL("alter system set max_slot_wal_keep_size = {}").format(
+        sql.Literal(s.replica_max_slot_wal_keep_size)))
+    conn.execute("select pg_reload_conf()")
+    if slot and conn.execute("select 1 from pg_replication_slots where slot_name = %s", [SLOT]).fetchone() is None:
+        conn.execute("select pg_create_physical_replication_slot(%s, true)", [SLOT])
 
 
 def drop_slot(stack: Stack) -> None:

@@ -36,7 +36,7 @@ from tracepipe.settings import (
     StackSettings,
 )
 
-COMPONENTS = ("postgres", "seaweedfs", "postgrest", "ext", "nginx", "mail", "pgbouncer")
+COMPONENTS = ("postgres", "seaweedfs", "postgrest", "ext", "nginx", "mail", "pgbouncer", "replica")
 
 
 class StackError(RuntimeError):

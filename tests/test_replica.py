@@ -99,7 +99,7 @@ def test_the_replica_is_a_streaming_hot_standby_with_the_primarys_guards(rstack:
 
 def test_status_shows_the_replica_and_its_replay_lag(env: dict[str, str], rstack: Stack) -> None:
     out = run_cli(env, "status").stdout
-    assert re.search(rf"^replica\s+up\s+{rstack.s.replica_port}\s+\d+\s", out, re.MULTILINE), out
+    assert re.search(rf"^replica\s+up\s+\d+\s+{rstack.s.replica_port}\s", out, re.MULTILINE), out
     assert re.search(r"^replica: streaming, replay lag \d+ bytes, [0-9.]+s$", out, re.MULTILINE), out
 
 

@@ -114,6 +114,8 @@ def cmd_rotate_jwt_key(_: argparse.Namespace) -> int:
         pid = stack.pid_of(name) if name.partition("-")[0] == "postgrest" else None
         if pid is not None:
             os.kill(pid, signal.SIGUSR2)  # PostgREST re-reads its config, the JWKS file included
+    if stack.pid_of("nginx") is not None:
+        stack.publish_nginx_jwks()  # the proxy's fair-use check verifies tokens of the new key too
     print(f"new signing key {kid}; older keys stay valid until their tokens expire "
           f"(ext signs with the new key within 10 s)")
     return 0

@@ -87,6 +87,9 @@ class StackSettings(BaseSettings):
     max_upload_body: str = Field("5g", description="nginx client_max_body_size for bundle and JSONL uploads")
     auth_rate: str = Field("20r/s", description="nginx limit_req rate per client IP on auth endpoints")
     auth_burst: int = 40
+    fair_use_rate: int = Field(200, ge=1, description="requests per second each caller (API key, token subject, or"
+                                                   " address without a verified token) may make through the proxy")
+    fair_use_burst: int = Field(400, ge=0, description="requests a caller may make above fair_use_rate at once")
     cors_origin_regex: str = r"^https?://(localhost|127\.0\.0\.1)(:[0-9]+)?$"
     mail_max_bytes: int = Field(1024 * 1024, description="largest message the mail sink accepts")
     mail_keep: int = Field(1000, description="messages the mail sink keeps (the oldest go first)")

@@ -703,7 +703,23 @@ class Stack:
             "TP_AUTH_RATE": s.auth_rate,
             "TP_AUTH_BURST": str(s.auth_burst),
             "TP_CORS_ORIGIN_REGEX": s.cors_origin_regex,
+            "TP_FAIR_USE_RATE": str(s.fair_use_rate),
+            "TP_FAIR_USE_BURST": str(s.fair_use_burst),
+            "TP_NGINX_JWKS": str(self.nginx_jwks),
         }
+
+    @property
+    def nginx_jwks(self) -> Path:
+        """The public JWKS as nginx's workers read it (fair_use.js): a copy where they may read
+        (the state dir may be closed to their user), renewed by publish_nginx_jwks."""
+        return self.daemon_dir / "nginx-jwks.json"
+
+    def publish_nginx_jwks(self) -> None:
+        """Copy the public JWKS for nginx (at start, and after `tracepipe rotate-jwt-key`)."""
+        tmp = self.nginx_jwks.with_suffix(".tmp")
+        shutil.copyfile(credentials.jwt_dir(self.state) / "jwks.json", tmp)
+        os.chmod(tmp, 0o644)
+        tmp.replace(self.nginx_jwks)
 
     def _upstream(self, component: str, base: int) -> str:
         """unix:socket or host:port of each instance, for the template's `server ${…} max_fails=0;`
@@ -725,7 +741,7 @@ class Stack:
         (nginx_dir / "logs").mkdir(exist_ok=True)
         values = self.nginx_vars()
         proxy = REPO_ROOT / "proxy"
-        for snippet in (proxy / "tracepipe").glob("*.conf"):
+        for snippet in [*(proxy / "tracepipe").glob("*.conf"), *(proxy / "tracepipe").glob("*.js")]:
             shutil.copyfile(snippet, conf_dir / snippet.name)
         server = render_template((proxy / "tracepipe.conf.template").read_text(), values)
         (conf_dir / "tracepipe.conf").write_text(server)
@@ -735,6 +751,7 @@ class Stack:
 
     def _start_nginx(self) -> None:
         self._prepare_daemon_dir()
+        self.publish_nginx_jwks()
         nginx = shutil.which("nginx") or "/usr/sbin/nginx"
         main = self.render_nginx()
         prefix = str(main.parent)

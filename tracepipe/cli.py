@@ -110,12 +110,12 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 def cmd_rotate_jwt_key(_: argparse.Namespace) -> int:
     stack = _stack()
     kid = credentials.add_signing_key(stack.state)
+    if stack.daemon_dir.exists():
+        stack.publish_nginx_jwks()  # PostgREST's JWKS, and the proxy's copy: it verifies the new key's tokens too
     for name in stack.process_names():  # every instance (make up SCALE=N runs N)
         pid = stack.pid_of(name) if name.partition("-")[0] == "postgrest" else None
         if pid is not None:
             os.kill(pid, signal.SIGUSR2)  # PostgREST re-reads its config, the JWKS file included
-    if stack.pid_of("nginx") is not None:
-        stack.publish_nginx_jwks()  # the proxy's fair-use check verifies tokens of the new key too
     print(f"new signing key {kid}; older keys stay valid until their tokens expire "
           f"(ext signs with the new key within 10 s)")
     return 0

@@ -8,7 +8,9 @@
 // ("ip:<addr>"): a forged token naming someone's subject never spends that person's budget.
 // The count itself is nginx's limit_req, in the sub-subrequest /_tp_fair_use/count?k=<key>.
 // The answer to nginx is 204 (go on) or 401 with X-Tp-Fair-Use: limited, which errors.conf's
-// /_tp_error/unauthorized turns into the 429 (/_tp_error/rate_limited).
+// /_tp_error/unauthorized turns into the 429 (/_tp_error/rate_limited). A verified token's
+// claims also come back signed HS256 with the proxy's key (X-Tp-Pgrst-Token), which
+// pgrst_proxy.conf sends PostgREST instead (tracepipe/stack.py, PROXY_JWT_KEY: why).
 //
 // njs 0.7 (Debian bookworm's libnginx-mod-http-js 0.7.9): WebCrypto (crypto.subtle), async.
 
@@ -63,28 +65,41 @@ async function verifiedCaller(r) {
     if (typeof claims.exp !== 'number' || claims.exp <= Date.now() / 1000) {
         return null;
     }
+    let caller = null;
     if (typeof claims.key_id === 'string' && claims.key_id) {
-        return 'key:' + claims.key_id;
+        caller = 'key:' + claims.key_id;
+    } else if (typeof claims.sub === 'string' && claims.sub) {
+        caller = 'sub:' + claims.sub;
     }
-    if (typeof claims.sub === 'string' && claims.sub) {
-        return 'sub:' + claims.sub;
-    }
-    return null;
+    return caller && {caller: caller, payload: m[2]};
+}
+
+// The same claims (the token's payload, byte for byte) signed HS256 with the proxy's key,
+// for PostgREST (tracepipe/stack.py, PROXY_JWT_KEY: why).
+const PROXY_HEADER = Buffer.from(JSON.stringify({alg: 'HS256', typ: 'JWT', kid: 'tp-proxy'})).toString('base64url');
+
+function proxyToken(r, payload) {
+    const secret = fs.readFileSync(r.variables.tp_fair_use_proxy_key).toString().trim();
+    const input = PROXY_HEADER + '.' + payload;
+    return input + '.' + require('crypto').createHmac('sha256', secret).update(input).digest('base64url');
 }
 
 async function check(r) {
-    let caller = null;
+    let verified = null;
     try {
-        caller = await verifiedCaller(r);
+        verified = await verifiedCaller(r);
     } catch (e) {
-        caller = null;  // a token that does not even parse: counted under the address
+        verified = null;  // a token that does not even parse: counted under the address
     }
-    const key = caller || 'ip:' + r.variables.remote_addr;
+    const key = verified ? verified.caller : 'ip:' + r.variables.remote_addr;
     const reply = await r.subrequest('/_tp_fair_use/count', {args: 'k=' + encodeURIComponent(key)});
     if (reply.status === 429) {
         r.headersOut['X-Tp-Fair-Use'] = 'limited';
         r.return(401);
         return;
+    }
+    if (verified) {
+        r.headersOut['X-Tp-Pgrst-Token'] = proxyToken(r, verified.payload);
     }
     r.return(204);
 }

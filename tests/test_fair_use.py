@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +23,7 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from tests.conftest import assert_error_body, free_ports
+from tests.conftest import assert_error_body, free_ports, run_cli
 from tracepipe.settings import REPO_ROOT, StackSettings
 from tracepipe.stack import Stack
 
@@ -45,10 +46,10 @@ def small() -> Iterator[Stack]:
 
 
 def signup(base_url: str) -> dict[str, Any]:
-    r = httpx.post(f"{base_url}/auth/signup", json={"email": f"fair-{uuid.uuid4().hex[:10]}@example.test",
-                                                     "password": PASSWORD}, timeout=30)
+    email = f"fair-{uuid.uuid4().hex[:10]}@example.test"
+    r = httpx.post(f"{base_url}/auth/signup", json={"email": email, "password": PASSWORD}, timeout=30)
     assert r.status_code == 201, r.text
-    return dict(r.json())
+    return {**r.json(), "email": email}
 
 
 def bearer(token: str) -> dict[str, str]:
@@ -143,3 +144,24 @@ def test_the_limit_is_the_setting(base_url: str, stack: Stack) -> None:
     assert [r.status_code for r in answers] == [200] * FLOOD
     s = stack.s
     assert answers[0].headers["RateLimit-Policy"] == f"{s.fair_use_rate};w=1;burst={s.fair_use_burst}"
+
+
+def test_tokens_of_a_rotated_in_key_are_counted_per_caller(small: Stack) -> None:
+    """`tracepipe rotate-jwt-key` gives the proxy the new public key: its tokens are not
+    mistaken for forgeries (which would count under the address)."""
+    user = signup(small.s.proxy_url)
+    old_kid = jwt.get_unverified_header(user["access_token"])["kid"]
+    run_cli(small.cli_env(), "rotate-jwt-key")
+    token = user["access_token"]
+    for _ in range(60):  # ext signs with the new key within 10 s (a bound on waiting, not a figure)
+        r = httpx.post(f"{small.s.proxy_url}/auth/login", json={"email": user["email"], "password": PASSWORD},
+                       timeout=30)
+        assert r.status_code == 200, r.text
+        token = r.json()["access_token"]
+        if jwt.get_unverified_header(token)["kid"] != old_kid:
+            break
+        time.sleep(0.5)
+    assert jwt.get_unverified_header(token)["kid"] != old_kid
+    # the address's budget spent (tokens that do not verify), the new key's token still passes
+    assert 429 in [r.status_code for r in flood(small.s.proxy_url, bearer("x.y.z"))]
+    assert [r.status_code for r in flood(small.s.proxy_url, bearer(token), n=BURST)] == [200] * BURST

@@ -16,7 +16,7 @@ from loadtest.tokens import soak
 from tracepipe.stack import Stack
 
 TOKENS = 5000
-GROWTH_BOUND_MIB = 1.0  # per 1,000 tokens; with the cache on it measured 7.1
+GROWTH_BOUND_MIB = 2.0  # per 1,000 tokens (0.6 measured); with the cache on it measured 7.1
 
 
 def test_distinct_tokens_do_not_grow_postgrest(stack: Stack) -> None:

@@ -57,5 +57,9 @@ demo: $(STAMP)  ## load a realistic sample into the running stack (make up first
 
 .PHONY: soak
 soak: $(TEST_STAMP)  ## 5 min of 100 users on a throwaway stack (MINUTES=n), then fuzzing with FUZZ_EXAMPLES=100 per operation
-	$(VENV)/bin/python -m loadtest.run --minutes $(or $(MINUTES),5)
+	$(VENV)/bin/python -m loadtest.run --minutes $(or $(MINUTES),5) $(if $(FLOOD),--flood)
 	TP_FUZZ_EXAMPLES=$(or $(FUZZ_EXAMPLES),100) $(VENV)/bin/pytest -q -p no:cacheprovider tests/test_fuzz.py
+
+.PHONY: soak-tokens
+soak-tokens: $(TEST_STAMP)  ## PostgREST's RSS over TOKENS=100000 distinct access tokens on a throwaway stack
+	$(VENV)/bin/python -m loadtest.tokens --tokens $(or $(TOKENS),100000)

@@ -100,8 +100,12 @@ def main(argv: list[str] | None = None) -> int:
                         "between requests (default 0.1)")
     parser.add_argument("--url", default=None, help="a running stack's proxy instead of a throwaway stack")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
+    parser.add_argument("--flood", action="store_true", help="run the load twice, the second time beside a "
+                        "flooding API key (loadtest/flood.py): the other users' p99 against the unloaded run's")
     args = parser.parse_args(argv)
     seconds = args.seconds if args.seconds is not None else args.minutes * 60
+    if args.flood:
+        return flood_main(args, seconds)
 
     def load(url: str, stack: Stack | None = None) -> Result:
         return asyncio.run(run_load(url, users=args.users, seconds=seconds, accounts=args.accounts,
@@ -118,6 +122,22 @@ def main(argv: list[str] | None = None) -> int:
             "start": result.memory_start, "end": result.memory_end}}, indent=2))
     failed = result.stats.server_errors or result.stats.transport_errors or result.lost or result.stats.unexpected
     return 1 if failed else 0
+
+
+def flood_main(args: argparse.Namespace, seconds: float) -> int:
+    from loadtest import flood
+
+    def run(url: str) -> tuple[Result, Result, flood.Flooder]:
+        return asyncio.run(flood.run_flood(url, users=args.users, seconds=seconds, accounts=args.accounts,
+                                           think=args.think))
+
+    if args.url:
+        results = run(args.url)
+    else:
+        with throwaway_stack() as stack:
+            results = run(stack.s.proxy_url)
+    print(report(results[1]), "", flood.report(*results), sep="\n")
+    return 1 if flood.failed(*results) else 0
 
 
 if __name__ == "__main__":

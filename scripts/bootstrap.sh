@@ -12,6 +12,8 @@ missing=()
 have_initdb() { command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; }
 have_initdb || missing+=(postgresql postgresql-contrib)
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx-light)
+# njs for the proxy's fair-use check (proxy/tracepipe/fair_use.js; nginx.conf.template loads it)
+[ -f /usr/lib/nginx/modules/ngx_http_js_module.so ] || missing+=(libnginx-mod-http-js)
 command -v npm >/dev/null 2>&1 || missing+=(npm)
 command -v unshare >/dev/null 2>&1 || missing+=(util-linux)  # SeaweedFS's private network
 command -v ip >/dev/null 2>&1 || [ -x /usr/sbin/ip ] || missing+=(iproute2)

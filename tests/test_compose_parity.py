@@ -56,7 +56,8 @@ EXT_PLACE_KEYS = {"TP_EXT_DATABASE_URL", "TP_EXT_JWT_KEYS_DIR", "TP_EXT_S3_ENDPO
                   "TP_EXT_POSTGREST_API_URL", "PROMETHEUS_MULTIPROC_DIR",
                   "TP_EXT_S3_ACCESS_KEY", "TP_EXT_S3_SECRET_KEY", "TP_EXT_ENVIRONMENT", "TP_EXT_SMTP_HOST"}
 NGINX_PLACE_KEYS = {"TP_PROXY_LISTEN", "TP_PGRST_UPSTREAM", "TP_EXT_UPSTREAM", "TP_NGINX_ACCESS_LOG",
-                    "TP_NGINX_DIR", "TP_NGINX_TMP", "TP_NGINX_USER_DIRECTIVE"}
+                    "TP_NGINX_DIR", "TP_NGINX_TMP", "TP_NGINX_USER_DIRECTIVE", "TP_NGINX_JWKS",
+                    "TP_NGINX_PROXY_JWT_KEY"}
 WEED_PLACE_FLAGS = {"-dir", "-ip", "-ip.bind", "-s3.ip.bind", "-s3.config", "-filer.localSocket", "-s3.localSocket"}
 UVICORN_PLACE_FLAGS = {"--host", "--forwarded-allow-ips", "--app-dir"}
 # Locally PostgREST's API and ext listen on unix sockets only nginx reaches; in compose on the

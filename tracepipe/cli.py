@@ -116,6 +116,8 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 def cmd_rotate_jwt_key(_: argparse.Namespace) -> int:
     stack = _stack()
     kid = credentials.add_signing_key(stack.state)
+    if stack.daemon_dir.exists():
+        stack.publish_nginx_jwks()  # PostgREST's JWKS, and the proxy's copy: it verifies the new key's tokens too
     for name in stack.process_names():  # every instance (make up SCALE=N runs N)
         pid = stack.pid_of(name) if name.partition("-")[0] == "postgrest" else None
         if pid is not None:

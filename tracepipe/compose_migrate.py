@@ -107,6 +107,10 @@ def write_secrets(target: Path) -> Path:
     os.chmod(target, 0o700)
     stack_secrets = credentials.load_or_create(target)  # DIR/secrets.json, the local generator's format
     credentials.ensure_signing_key(target)
+    from tracepipe.stack import PROXY_JWT_KEY, write_pgrst_jwks
+
+    write_pgrst_jwks(target)  # PostgREST's JWKS: ext's public keys and the proxy's HS256 key
+    os.chmod(target / PROXY_JWT_KEY, 0o644)  # nginx's workers (the image's user) read it; the dir is 0700
     env_file = target / "compose.env"
     if env_file.exists():
         # kept as it is; a variable a later release asks for is added (an older file lacks it)

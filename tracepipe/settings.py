@@ -57,7 +57,9 @@ class StackSettings(BaseSettings):
     # between them: 20 measured p99 27-31 ms instead of 49-55 ms at 32 connections, same req/s.
     pgrst_db_pool: int = 20
     pgrst_max_rows: int = 1000
-    pgrst_jwt_cache_s: int = 3600
+    # Off: PostgREST 12.0.2's cache never drops an entry (~7 MiB per 1,000 distinct tokens);
+    # the proxy hands it HS256 tokens, cheap to verify (tracepipe/stack.py, PROXY_JWT_KEY).
+    pgrst_jwt_cache_s: int = 0
     statement_timeout_user: str = "8s"
     statement_timeout_pipeline: str = "60s"
     statement_timeout_admin: str = "30s"
@@ -87,6 +89,9 @@ class StackSettings(BaseSettings):
     max_upload_body: str = Field("5g", description="nginx client_max_body_size for bundle and JSONL uploads")
     auth_rate: str = Field("20r/s", description="nginx limit_req rate per client IP on auth endpoints")
     auth_burst: int = 40
+    fair_use_rate: int = Field(200, ge=1, description="requests per second each caller (API key, token subject, or"
+                                                   " address without a verified token) may make through the proxy")
+    fair_use_burst: int = Field(400, ge=0, description="requests a caller may make above fair_use_rate at once")
     cors_origin_regex: str = r"^https?://(localhost|127\.0\.0\.1)(:[0-9]+)?$"
     mail_max_bytes: int = Field(1024 * 1024, description="largest message the mail sink accepts")
     mail_keep: int = Field(1000, description="messages the mail sink keeps (the oldest go first)")

@@ -606,7 +606,7 @@ class Stack:
     # --- PostgREST -----------------------------------------------------------------------------
     def postgrest_config(self, secrets: credentials.StackSecrets, instance: int = 0) -> str:
         s = self.s
-        jwks = credentials.jwt_dir(self.state) / "jwks.json"
+        jwks = self.pgrst_jwks  # ext's public keys and the proxy's HS256 key (write_pgrst_jwks)
         return "\n".join([
             f'db-uri = "{pooler.client_url(self, secrets)}"',
             'db-schemas = "api"',
@@ -634,6 +634,7 @@ class Stack:
 
     def _start_postgrest(self, secrets: credentials.StackSecrets, instance: int = 0) -> None:
         name = _instance_name("postgrest", instance)
+        write_pgrst_jwks(self.state)
         conf = self.state / f"{name}.conf"
         credentials.write_private_text(conf, self.postgrest_config(secrets, instance))
         sock = self.service_socket("postgrest", instance)
@@ -729,7 +730,38 @@ class Stack:
             "TP_AUTH_RATE": s.auth_rate,
             "TP_AUTH_BURST": str(s.auth_burst),
             "TP_CORS_ORIGIN_REGEX": s.cors_origin_regex,
+            "TP_FAIR_USE_RATE": str(s.fair_use_rate),
+            "TP_FAIR_USE_BURST": str(s.fair_use_burst),
+            "TP_NGINX_JWKS": str(self.nginx_jwks),
+            "TP_NGINX_PROXY_JWT_KEY": str(self.nginx_proxy_jwt_key),
         }
+
+    @property
+    def pgrst_jwks(self) -> Path:
+        return self.state / PGRST_JWKS
+
+    @property
+    def nginx_jwks(self) -> Path:
+        """The public JWKS as nginx's workers read it (fair_use.js): a copy where they may read
+        (the state dir may be closed to their user), renewed by publish_nginx_jwks."""
+        return self.daemon_dir / "nginx-jwks.json"
+
+    @property
+    def nginx_proxy_jwt_key(self) -> Path:
+        return self.daemon_dir / PROXY_JWT_KEY
+
+    def publish_nginx_jwks(self) -> None:
+        """Copy the public JWKS and the proxy's HS256 key for nginx's workers (at start, and
+        after `tracepipe rotate-jwt-key`), and write PostgREST's JWKS again."""
+        write_pgrst_jwks(self.state)
+        for source, target, mode in ((credentials.jwt_dir(self.state) / "jwks.json", self.nginx_jwks, 0o644),
+                                     (self.state / PROXY_JWT_KEY, self.nginx_proxy_jwt_key, 0o600)):
+            tmp = target.with_suffix(".tmp")
+            shutil.copyfile(source, tmp)
+            os.chmod(tmp, mode)
+            if (ids := self._pg_user_ids()) is not None:
+                os.chown(tmp, *ids)  # nginx's workers run as that user
+            tmp.replace(target)
 
     def _upstream(self, component: str, base: int) -> str:
         """unix:socket or host:port of each instance, for the template's `server ${…} max_fails=0;`
@@ -751,7 +783,7 @@ class Stack:
         (nginx_dir / "logs").mkdir(exist_ok=True)
         values = self.nginx_vars()
         proxy = REPO_ROOT / "proxy"
-        for snippet in (proxy / "tracepipe").glob("*.conf"):
+        for snippet in [*(proxy / "tracepipe").glob("*.conf"), *(proxy / "tracepipe").glob("*.js")]:
             shutil.copyfile(snippet, conf_dir / snippet.name)
         replica.render_nginx(self, conf_dir)
         server = render_template((proxy / "tracepipe.conf.template").read_text(), values)
@@ -762,6 +794,7 @@ class Stack:
 
     def _start_nginx(self) -> None:
         self._prepare_daemon_dir()
+        self.publish_nginx_jwks()
         nginx = shutil.which("nginx") or "/usr/sbin/nginx"
         main = self.render_nginx()
         prefix = str(main.parent)
@@ -770,6 +803,37 @@ class Stack:
             raise StackError(f"nginx configuration is invalid:\n{test.stderr}")
         self._spawn("nginx", [nginx, "-p", prefix, "-c", str(main), "-g", "daemon off;"])
         _wait("nginx", lambda: _http_ok(f"{self.s.proxy_url}/health"), 30, main.parent / "logs" / "error.log")
+
+
+# The proxy's own HS256 key (PostgREST verifies the tokens the proxy forwards with it).
+# PostgREST 12.0.2 verifies ES256 in ~2.6 ms of CPU, so it ran with its JWT cache on, and
+# that cache never drops an entry: memory grew ~7 MiB per 1,000 distinct tokens. The proxy
+# verifies ext's ES256 tokens itself (fair_use.js, OpenSSL) and hands PostgREST the same
+# header-less claims signed HS256 with this key, which PostgREST verifies in microseconds
+# with its cache off (pgrst_jwt_cache_s = 0). A token the proxy does not verify goes on as
+# it came, and PostgREST refuses it as before (its JWKS keeps ext's public keys).
+PROXY_JWT_KEY = "proxy-jwt.key"
+PROXY_JWT_KID = "tp-proxy"
+PGRST_JWKS = "pgrst-jwks.json"
+
+
+def write_pgrst_jwks(directory: Path) -> Path:
+    """directory/pgrst-jwks.json (0600): ext's public keys (directory/jwt/jwks.json) and the
+    proxy's HS256 key (directory/proxy-jwt.key, made once). A state dir, or compose's secrets."""
+    import base64
+    import json
+    import secrets as random
+
+    key_file = directory / PROXY_JWT_KEY
+    if not key_file.exists():
+        credentials.write_private_text(key_file, random.token_urlsafe(48))
+    secret = key_file.read_text().strip().encode()
+    public = json.loads((credentials.jwt_dir(directory) / "jwks.json").read_text())
+    oct_key = {"kty": "oct", "kid": PROXY_JWT_KID, "alg": "HS256", "use": "sig",
+               "k": base64.urlsafe_b64encode(secret).rstrip(b"=").decode()}
+    target = directory / PGRST_JWKS
+    credentials.write_private_json(target, {"keys": [*public["keys"], oct_key]})
+    return target
 
 
 _PLACEHOLDER = re.compile(r"\$\{(TP_[A-Z0-9_]+)\}")

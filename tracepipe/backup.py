@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 from tracepipe import credentials
 
 if TYPE_CHECKING:
+    from tracepipe.settings import StackSettings
     from tracepipe.stack import Stack
 
 PGBACKREST = "pgbackrest"
@@ -145,8 +146,7 @@ def postgres_options(stack: Stack) -> str:
     """The `pg_ctl -o` settings that turn WAL archiving on (empty when backups are off)."""
     if not stack.s.backup_enabled:
         return ""
-    pgbackrest = shutil.which(PGBACKREST) or "/usr/bin/pgbackrest"
-    command = f"{pgbackrest} --config={config_path(stack)} --stanza={stack.s.backup_stanza} archive-push %p"
+    command = f"{PGBACKREST} --config={config_path(stack)} --stanza={stack.s.backup_stanza} archive-push %p"
     return (f" -c archive_mode=on -c 'archive_command={command}'"
             f" -c archive_timeout={stack.s.backup_archive_timeout_s}")
 
@@ -167,14 +167,17 @@ def pgbackrest(stack: Stack, *args: str, timeout: float = 3600) -> str:
     return str(out.stdout)
 
 
-def s3_client(stack: Stack) -> Any:
+def client_for(endpoint: str, secrets: credentials.StackSecrets, settings: StackSettings) -> Any:
     import boto3
     from botocore.config import Config
 
-    secrets = credentials.load_or_create(stack.state)
-    return boto3.client("s3", endpoint_url=stack.s.s3_endpoint, aws_access_key_id=secrets.s3_access_key,
-                        aws_secret_access_key=secrets.s3_secret_key, region_name=stack.s.s3_region,
+    return boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=secrets.s3_access_key,
+                        aws_secret_access_key=secrets.s3_secret_key, region_name=settings.s3_region,
                         config=Config(retries={"max_attempts": 3}, connect_timeout=5, read_timeout=30))
+
+
+def s3_client(stack: Stack) -> Any:
+    return client_for(stack.s.s3_endpoint, credentials.load_or_create(stack.state), stack.s)
 
 
 def ensure_bucket(stack: Stack) -> None:
@@ -191,11 +194,14 @@ def ensure_object_versioning(stack: Stack) -> None:
     """The objects' bucket keeps every overwritten or deleted version (S3 versioning) and
     expires noncurrent ones after TP_BUCKET_NONCURRENT_DAYS (a lifecycle rule): a bundle
     deleted or overwritten by mistake comes back within that window (`recover_objects`)."""
-    client = s3_client(stack)
-    client.put_bucket_versioning(Bucket=stack.s.bucket, VersioningConfiguration={"Status": "Enabled"})
-    client.put_bucket_lifecycle_configuration(Bucket=stack.s.bucket, LifecycleConfiguration={"Rules": [{
+    ensure_object_versioning_with(s3_client(stack), stack.s)
+
+
+def ensure_object_versioning_with(client: Any, settings: StackSettings) -> None:
+    client.put_bucket_versioning(Bucket=settings.bucket, VersioningConfiguration={"Status": "Enabled"})
+    client.put_bucket_lifecycle_configuration(Bucket=settings.bucket, LifecycleConfiguration={"Rules": [{
         "ID": "tracepipe-noncurrent-expiry", "Status": "Enabled", "Filter": {"Prefix": ""},
-        "NoncurrentVersionExpiration": {"NoncurrentDays": stack.s.bucket_noncurrent_days}}]})
+        "NoncurrentVersionExpiration": {"NoncurrentDays": settings.bucket_noncurrent_days}}]})
 
 
 def setup(stack: Stack) -> None:
@@ -340,7 +346,8 @@ def adopt(stack: Stack, source: Path) -> None:
     stack.state.mkdir(parents=True, exist_ok=True)
     shutil.copy2(source / "secrets.json", stack.state / "secrets.json")
     shutil.copytree(credentials.jwt_dir(source), credentials.jwt_dir(stack.state))
-    shutil.copytree(source / "s3", stack.state / "s3", symlinks=True)
+    if (source / "s3").is_dir():  # the local SeaweedFS's data; elsewhere S3 is not in the state dir
+        shutil.copytree(source / "s3", stack.state / "s3", symlinks=True)
 
 
 def restore(stack: Stack, target: datetime | None, source: Path | None = None) -> dict[str, Any]:

@@ -156,6 +156,14 @@ def test_first_start_archives_wal_and_takes_a_full_backup(origin: Stack) -> None
     assert "repo1-type=s3" in text and f"repo1-s3-bucket={origin.s.backup_bucket}" in text
 
 
+def test_restore_refuses_a_running_database_and_a_bad_time(origin: Stack) -> None:
+    refused = cli(origin, "restore", check=False)
+    assert refused.returncode == 1 and "PostgreSQL is running" in refused.stderr, refused.stderr
+    bad = cli(origin, "restore", "--to", "yesterday", check=False)
+    assert bad.returncode == 1 and "--to 'yesterday' is not an ISO 8601 time" in bad.stderr, bad.stderr
+    assert origin.pid_of("postgres") is not None and not (origin.state / "restore.json").exists()
+
+
 def test_ready_answers_during_a_full_backup(origin: Stack) -> None:
     before = backup.backups(origin)
     tracepipe = Path(sys.executable).parent / "tracepipe"

@@ -149,8 +149,11 @@ def test_first_start_archives_wal_and_takes_a_full_backup(origin: Stack) -> None
     backup.pgbackrest(origin, "check")  # switches WAL and waits for it in the repository
     archive = backup.archive_status(origin)
     assert archive["archive_mode"] == "on" and archive["archived_count"] >= 1, archive
+    assert isinstance(archive["lag_bytes"], int) and archive["lag_bytes"] >= 0, archive
+    assert archive["last_archived_wal"] and archive["last_archived_time"], archive
     status = cli(origin, "status").stdout
     assert f"last backup: {listed[0]['label']} (full" in status, status
+    assert f"backup scheduler: running (pid {origin.pid_of('backup')})" in status, status
     assert f"WAL archive: last {archive['last_archived_wal']}" in status or "WAL archive: last 0" in status, status
     text = backup.config_path(origin).read_text()
     assert "repo1-type=s3" in text and f"repo1-s3-bucket={origin.s.backup_bucket}" in text

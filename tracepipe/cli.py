@@ -79,6 +79,9 @@ def _print_backup_status(stack: Stack) -> None:
     except psycopg.Error as e:
         print(f"WAL archive: unknown ({_first_line(e)})")
         return
+    scheduler = stack.pid_of("backup")
+    print(f"backup scheduler: {f'running (pid {scheduler})' if scheduler else 'not running'}, a full backup "
+          f"every {stack.s.backup_full_every_s} s, {stack.s.backup_retention_full} kept")
     lag = a["lag_bytes"] if a["lag_bytes"] is not None else "-"
     failed = f" (last {a['last_failed_wal']} at {a['last_failed_time']})" if a["failed_count"] else ""
     print(f"WAL archive: last {a['last_archived_wal'] or '-'} at {a['last_archived_time'] or '-'}, "

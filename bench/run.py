@@ -517,6 +517,82 @@ def pipeline(run: Run) -> None:
             check=lambda v, r: v < 100)
 
 
+def backups(run: Run, fx: data.Fixtures) -> None:
+    """pgBackRest (issue 18): a full backup's throughput into S3, the time to restore it (files
+    from S3, then recovery until promoted, into a scratch data directory on a spare port), and
+    read req/s while a full backup runs beside the same reads without one, in the same run."""
+    from tracepipe import backup
+    from tracepipe.ports import port_is_free
+
+    run.phase("backup: full into S3, restore, reads during a backup")
+    st, p = run.bs.stack, run.profile
+    with psycopg.connect(st.superuser_conninfo(), autocommit=True) as conn:
+        row = conn.execute("select pg_database_size(current_database()), (select count(*) from app.examples)"
+                           ).fetchone()
+    assert row is not None
+    db_bytes, examples = int(row[0]), int(row[1])
+    backup.backup(st, "full")  # the scheduler's first is done (it waits for it); the cache is warm
+    started = time.monotonic()
+    made = backup.backup(st, "full")
+    seconds = time.monotonic() - started
+    run.meta["backup"] = {"examples": examples, "db_bytes": db_bytes, "backup": made, "seconds": round(seconds, 1)}
+    run.add(f"full backup ({examples} example rows, {db_bytes / MIB:.0f} MiB database): cluster read",
+            made["size_bytes"] / seconds / 1e6, "MB/s")
+    run.add("full backup: written into S3 (lz4)", made["repo_bytes"] / seconds / 1e6, "MB/s")
+
+    scratch = st.daemon_dir / "bench-restore"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(mode=0o700)
+    ids = st._pg_user_ids()
+    if ids is not None:
+        os.chown(scratch, *ids)
+    port = next(q for q in range(st.s.pg_port + 1, st.s.pg_port + 200) if port_is_free(q))
+    started = time.monotonic()
+    try:
+        backup.pgbackrest(st, "restore", f"--pg1-path={scratch}", "--type=immediate", "--target-action=promote",
+                          "--archive-mode=off")
+        files_s = time.monotonic() - started
+        opts = (f"-p {port} -k {st.socket_dir} -c listen_addresses='' -c max_connections=200"
+                " -c shared_preload_libraries=pgaudit,tp_guard"
+                " -c archive_mode=off")
+        st._as_pg_user([str(st.pg_bindir / "pg_ctl"), "-D", str(scratch), "-o", opts, "-w", "-t", "600",
+                        "-l", str(scratch.parent / "bench-restore.log"), "start"], stdout=subprocess.DEVNULL)
+        conninfo = f"host={st.socket_dir} port={port} user=postgres dbname={st.s.db_name}"
+        while True:
+            with psycopg.connect(conninfo, autocommit=True) as conn:
+                row = conn.execute("select pg_is_in_recovery(), (select count(*) from app.examples)").fetchone()
+            if row is not None and not row[0]:
+                break
+            time.sleep(0.2)
+        total_s = time.monotonic() - started
+        if int(row[1]) != examples:
+            raise BenchError(f"restored {row[1]} example rows, backed up {examples}")
+    finally:
+        subprocess.run([str(st.pg_bindir / "pg_ctl"), "-D", str(scratch), "-m", "immediate", "stop"],
+                       capture_output=True, user=ids[0] if ids else None, group=ids[1] if ids else None)
+        shutil.rmtree(scratch, ignore_errors=True)
+    run.add(f"restore of that backup from S3 ({db_bytes / MIB:.0f} MiB): files", files_s, "s")
+    run.add("restore: files, then recovery until promoted", total_s, "s")
+
+    token = data.login(run.proxy, fx.email)
+    url, headers = f"{run.proxy}/suites/{fx.suite_ids[0]}", {"Authorization": f"Bearer {token}"}
+    quiet = wrk(url, headers=headers, duration_s=p.duration_s, warmup_s=p.warmup_s)
+    tracepipe = Path(sys.executable).parent / "tracepipe"
+    proc = subprocess.Popen([str(tracepipe), "backup"], env=st.cli_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1)  # the backup has begun copying
+        busy = wrk(url, headers=headers, duration_s=min(p.duration_s, max(1.0, seconds - 2)), warmup_s=0)
+        overlapped = proc.poll() is None  # the backup was still running when the reads ended
+    finally:
+        _, err = proc.communicate()
+    if proc.returncode != 0:
+        raise BenchError(f"tracepipe backup failed: {err}")
+    run.meta["backup"]["reads"] = {"quiet": asdict(quiet), "during_backup": asdict(busy), "overlapped": overlapped}
+    run.add("GET one suite by id via proxy during a full backup: req/s", busy.rps, "req/s",
+            "same reads, no backup running", quiet.rps)
+
+
 def memory(run: Run) -> None:
     run.phase("whole-stack memory")
     by_component = run.bs.pss_by_component()
@@ -601,9 +677,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--running", action="store_true",
                         help="benchmark the running stack of the TP_* environment instead of a throwaway one")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where latest.{json,md,meta.json} go")
-    parser.add_argument("--only", choices=("pipeline", "scaleout"),
+    parser.add_argument("--only", choices=("pipeline", "scaleout", "backup"),
                         help="run only this phase; scaleout: the read replica and PgBouncer (bench/scaleout.py),"
-                             " on throwaway stacks of their own")
+                             " on throwaway stacks of their own; backup seeds the profile's rows first")
     parser.add_argument("--scale", type=int, default=2, help="--only scaleout: instances of PostgREST and ext")
     args = parser.parse_args(argv)
     profile = QUICK if args.quick else FULL
@@ -633,6 +709,10 @@ def main(argv: list[str] | None = None) -> int:
             if args.only == "pipeline":
                 pipeline(run)
                 raise _Done
+            if args.only == "backup":
+                seed(run)
+                backups(run, fx)
+                raise _Done
             seed(run)
             reads(run, fx)
             auth_token(run, fx)
@@ -640,6 +720,7 @@ def main(argv: list[str] | None = None) -> int:
             stream(run, fx)
             listing(run, fx)
             pipeline(run)
+            backups(run, fx)
             memory(run)
             start_up(run)
             run.phase("done")

@@ -18,6 +18,8 @@ command -v npm >/dev/null 2>&1 || missing+=(npm)
 command -v unshare >/dev/null 2>&1 || missing+=(util-linux)  # SeaweedFS's private network
 command -v ip >/dev/null 2>&1 || [ -x /usr/sbin/ip ] || missing+=(iproute2)
 command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ] || missing+=(pgbouncer)  # POOLER=1
+command -v pgbackrest >/dev/null 2>&1 || missing+=(pgbackrest)  # backups (tracepipe/backup.py)
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)  # the S3 relay's TLS certificate, for pgBackRest
 
 if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" != 0 ]; then

@@ -252,7 +252,7 @@ def dockerfile_cmd() -> list[str]:
 # --- services and images ---------------------------------------------------------------------------
 
 def test_services_are_the_local_components_plus_the_migrate_job(compose: dict[str, Any]) -> None:
-    assert set(compose["services"]) == {*COMPONENTS, "migrate"}
+    assert set(compose["services"]) == {*COMPONENTS, "migrate", "s3tls", "backup"}
 
 
 def test_images_are_the_local_versions(compose: dict[str, Any]) -> None:
@@ -385,7 +385,43 @@ def test_postgres_runs_like_the_local_cluster(compose: dict[str, Any], local_sta
     local_c.pop("listen_addresses")
     command = service(compose, "postgres")["command"]
     assert command[0] == "postgres"
-    assert dict(command[i + 1].split("=", 1) for i, o in enumerate(command) if o == "-c") == local_c
+    theirs = dict(command[i + 1].split("=", 1) for i, o in enumerate(command) if o == "-c")
+    for c in (local_c, theirs):  # pgBackRest's config file is a place
+        c["archive_command"] = re.sub(r"--config=\S+", "--config=<conf>", c["archive_command"])
+    assert theirs == local_c
+
+
+# Where pgBackRest finds things (the TLS relay, the data directory, its own files): places.
+PGBACKREST_PLACE_KEYS = {"repo1-s3-endpoint", "repo1-storage-ca-file", "lock-path", "log-path", "spool-path",
+                         "pg1-path", "pg1-port", "pg1-socket-path"}
+
+
+def ini(text: str) -> dict[str, dict[str, str]]:
+    sections: dict[str, dict[str, str]] = {}
+    current: dict[str, str] = {}
+    for line in text.splitlines():
+        if line.startswith("["):
+            current = sections.setdefault(line.strip("[]"), {})
+        elif "=" in line:
+            key, value = line.split("=", 1)
+            if key not in PGBACKREST_PLACE_KEYS:
+                current[key] = value
+    return sections
+
+
+def test_pgbackrest_config_is_the_local_one(compose: dict[str, Any], local_stack: Stack) -> None:
+    from tracepipe import backup
+
+    local = ini(backup.config_text(local_stack, DUMMY, "/ca.crt"))
+    theirs = ini(compose["configs"]["pgbackrest_conf"]["content"])
+    assert (local["global"].pop("repo1-s3-key"), local["global"].pop("repo1-s3-key-secret")) == (
+        DUMMY.s3_access_key, DUMMY.s3_secret_key)
+    assert (theirs["global"].pop("repo1-s3-key"), theirs["global"].pop("repo1-s3-key-secret")) == (
+        "<TP_S3_ACCESS_KEY>", "<TP_S3_SECRET_KEY>")  # the S3 keys, required, never defaulted
+    assert theirs == local
+    for name in ("postgres", "backup"):
+        assert "pgbackrest=2.45-1" in service(compose, "postgres")["build"]["dockerfile_inline"]
+        assert any(c["source"] == "pgbackrest_conf" for c in service(compose, name)["configs"]), name
 
 
 def test_the_replica_runs_like_the_local_one(compose: dict[str, Any], local_stack: Stack) -> None:

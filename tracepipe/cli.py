@@ -62,7 +62,69 @@ def cmd_status(_: argparse.Namespace) -> int:
     if stack.s.replica:
         print(f"replica: {replica.describe_lag(stack)}")
     print(f"proxy: {stack.s.proxy_url}")
+    _print_backup_status(stack)
     return 0 if all(st.healthy for st in statuses) else 1
+
+
+def _print_backup_status(stack: Stack) -> None:
+    """The last backup and the WAL archive's lag (pg_stat_archiver), when PostgreSQL answers."""
+    from tracepipe import backup
+
+    if not stack.s.backup_enabled or stack.pid_of("postgres") is None:
+        return
+    try:
+        last = backup.backups(stack)[-1:]
+        print(f"last backup: {last[0]['label']} ({last[0]['type']}, finished {last[0]['stop']})" if last
+              else "last backup: none yet")
+    except backup.BackupError as e:
+        print(f"last backup: unknown ({_first_line(e)})")
+    try:
+        a = backup.archive_status(stack)
+    except psycopg.Error as e:
+        print(f"WAL archive: unknown ({_first_line(e)})")
+        return
+    scheduler = stack.pid_of("backup")
+    print(f"backup scheduler: {f'running (pid {scheduler})' if scheduler else 'not running'}, a full backup "
+          f"every {stack.s.backup_full_every_s} s, {stack.s.backup_retention_full} kept")
+    lag = a["lag_bytes"] if a["lag_bytes"] is not None else "-"
+    failed = f" (last {a['last_failed_wal']} at {a['last_failed_time']})" if a["failed_count"] else ""
+    print(f"WAL archive: last {a['last_archived_wal'] or '-'} at {a['last_archived_time'] or '-'}, "
+          f"lag {lag} bytes, {a['failed_count']} failed{failed}")
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    """A backup now (`tracepipe backup [--type]`) or the list (`tracepipe backup list`)."""
+    from tracepipe import backup
+
+    stack = _stack()
+    if not stack.s.backup_enabled:
+        raise StackError("backups are off (TP_BACKUP_ENABLED=false)")
+    if args.backup_command == "list":
+        found = backup.backups(stack)
+        if args.json:
+            print(json.dumps(found, indent=2))
+            return 0
+        print(f"{'label':<26} {'type':<5} {'finished':<26} {'db bytes':>12} {'repo bytes':>12}")
+        for b in found:
+            print(f"{b['label']:<26} {b['type']:<5} {b['stop']:<26} {b['size_bytes']:>12} {b['repo_bytes']:>12}")
+        return 0
+    print(json.dumps(backup.backup(stack, args.type)))
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    """The database from the backup repository into this stopped (or fresh) stack, to --to or
+    the latest; then the stack starts and the scrub runs. Prints the JSON report; exit code 1
+    when the scrub found anything (rows without objects, objects newer than the target)."""
+    from pathlib import Path
+
+    from tracepipe import backup
+
+    target = backup.parse_time(args.to) if args.to else None
+    report = backup.restore(_stack(), target, Path(args.source) if args.source else None)
+    json.dump(report, sys.stdout, indent=2)
+    print()
+    return 0 if report["scrub"]["ok"] else 1
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
@@ -293,6 +355,20 @@ def build_parser() -> argparse.ArgumentParser:
     scrub.add_argument("--no-digests", action="store_true",
                        help="check presence and size only (no object is read)")
     scrub.set_defaults(func=cmd_scrub)
+    bk = sub.add_parser("backup", help="a backup of the database into the S3 repository now (pgBackRest), or "
+                        "`backup list`")
+    bk.add_argument("--type", choices=("full", "diff", "incr"), default="full", help="default full")
+    bk_sub = bk.add_subparsers(dest="backup_command", metavar="ACTION")
+    bk_list = bk_sub.add_parser("list", help="every backup in the repository, oldest first")
+    bk_list.add_argument("--json", action="store_true", help="print JSON")
+    bk.set_defaults(func=cmd_backup)
+    rs = sub.add_parser("restore", help="restore the database into this stopped or fresh stack (point in time), "
+                        "start it and scrub; prints a JSON report")
+    rs.add_argument("--to", default=None, metavar="TIME",
+                    help="ISO 8601 time to recover to (UTC when no offset); default: the latest")
+    rs.add_argument("--from", dest="source", default=None, metavar="STATE_DIR",
+                    help="a fresh state dir first takes this stopped stack's secrets, JWT keys and S3 data")
+    rs.set_defaults(func=cmd_restore)
     user = sub.add_parser("user", help="manage accounts (operators)")
     user_sub = user.add_subparsers(dest="user_command", required=True, metavar="ACTION")
     create = user_sub.add_parser("create", help="create an account; prints its id")

@@ -98,6 +98,14 @@ def run_migrate() -> int:
     ensure_bucket(_env("TP_S3_ENDPOINT"), stack_secrets.s3_access_key, stack_secrets.s3_secret_key,
                   settings.s3_region, settings.bucket)
     print(f"bucket {settings.bucket!r} ready", flush=True)
+    # pgBackRest's repository (the backup service) and the objects' versions (tracepipe/backup.py)
+    ensure_bucket(_env("TP_S3_ENDPOINT"), stack_secrets.s3_access_key, stack_secrets.s3_secret_key,
+                  settings.s3_region, settings.backup_bucket)
+    from tracepipe import backup
+
+    backup.ensure_object_versioning_with(backup.client_for(_env("TP_S3_ENDPOINT"), stack_secrets, settings),
+                                         settings)
+    print(f"bucket {settings.backup_bucket!r} ready; {settings.bucket!r} keeps versions", flush=True)
     return 0
 
 

@@ -137,3 +137,17 @@ class StackSettings(BaseSettings):
     read_your_writes_s: int = Field(
         10, description="after a write, the caller's reads go to the primary this long (cookie tp_primary);"
                         " keep it above replica_max_lag_s")
+    # --- backup (tracepipe/backup.py): pgBackRest, its repository in an S3 bucket of its own ---
+    backup_enabled: bool = Field(True, description="WAL archiving, a stanza and a full backup at first start, "
+                                                   "full backups on a schedule (false: none of it)")
+    backup_bucket: str = Field("tracepipe-backup", description="bucket of pgBackRest's repository (its own)")
+    backup_stanza: str = Field("tracepipe", description="pgBackRest stanza name of the cluster")
+    backup_full_every_s: int = Field(7 * 24 * 3600, ge=60, description="a full backup when the last is older")
+    backup_check_every_s: int = Field(60, ge=1, description="how often the backup scheduler looks at the last backup")
+    backup_retention_full: int = Field(2, ge=1, description="full backups kept (with their WAL); older expire")
+    backup_archive_timeout_s: int = Field(60, ge=1, description="archive_timeout: a WAL segment is archived at "
+                                                                "least this often when anything was written")
+    s3_tls_port: int = Field(18334, description="TLS listener of the S3 relay (pgBackRest speaks S3 over TLS "
+                                                "only); self-signed certificate in <state>/s3relay")
+    bucket_noncurrent_days: int = Field(30, ge=1, description="days an overwritten or deleted object version is "
+                                                              "kept (the objects' bucket is versioned)")

@@ -27,7 +27,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from tracepipe import credentials, pooler, replica
+from tracepipe import backup, credentials, pooler, replica
 from tracepipe.settings import (
     POSTGREST_NPM_PACKAGE,
     POSTGREST_SHA256,
@@ -210,6 +210,7 @@ class Stack:
                 self.start_component(name)
             elif name == "nginx":
                 self._reload_nginx()  # the upstreams may have changed with the scale
+        backup.setup(self)  # pgBackRest: the stanza, the scheduler (tracepipe/backup.py)
         return self.s.proxy_url
 
     def process_names(self) -> list[str]:
@@ -235,6 +236,9 @@ class Stack:
         return sorted(({p.stem for p in self.run_dir.glob("*-[0-9]*.pid")} | optional) - set(self.process_names()))
 
     def down(self) -> None:
+        backup.stop_scheduler(self)
+        if self.s.backup_enabled:  # while S3 answers: the shutdown archives the last WAL segment
+            self.stop_component("postgres")
         for name in reversed(self.process_names() + self._surplus_instances()):
             self.stop_component(name)
 
@@ -449,6 +453,9 @@ class Stack:
                 # included. pgaudit logs analysts' statements; tp_guard pins their settings
                 # (db/ext/tp_guard, built by scripts/bootstrap.sh).
                 f"-c log_parameter_max_length=0 -c shared_preload_libraries=pgaudit,tp_guard")
+        if self.s.backup_enabled:  # WAL archiving into pgBackRest's repository (tracepipe/backup.py)
+            backup.write_config(self)
+            opts += backup.postgres_options(self)
         self._as_pg_user([str(bindir / "pg_ctl"), "-D", str(self.pg_data), "-l", str(log), "-o", opts,
                           "-w", "-t", "60", "start"], stdout=subprocess.DEVNULL)
     def _stop_postgres(self) -> None:
@@ -563,9 +570,34 @@ class Stack:
             "            proxy_send_timeout 300s;",
             "        }",
             "    }",
+            *self._s3relay_tls_server(),
             "}",
             "",
         ])
+
+    def _s3relay_tls_server(self) -> list[str]:
+        """The relay's TLS listener (s3_tls_port, self-signed certificate): pgBackRest speaks
+        S3 over TLS only (tracepipe/backup.py). Same forwarding as the plain listener."""
+        cert = backup.tls_dir(self)
+        return [
+            "    server {",
+            f"        listen {self.s.host}:{self.s.s3_tls_port} ssl;",
+            "        server_tokens off;",
+            f"        ssl_certificate {cert / 's3.crt'};",
+            f"        ssl_certificate_key {cert / 's3.key'};",
+            "        client_max_body_size 0;",
+            "        location / {",
+            "            proxy_pass http://weed_s3;",
+            "            proxy_http_version 1.1;",
+            '            proxy_set_header Connection "";',
+            "            proxy_set_header Host $http_host;",
+            "            proxy_request_buffering off;",
+            "            proxy_buffering off;",
+            "            proxy_read_timeout 300s;",
+            "            proxy_send_timeout 300s;",
+            "        }",
+            "    }",
+        ]
 
     def _start_s3relay(self) -> None:
         if self._pid("s3relay") is not None:
@@ -574,6 +606,7 @@ class Stack:
         prefix = self.state / "s3relay"
         (prefix / "logs").mkdir(parents=True, exist_ok=True)
         conf = prefix / "nginx.conf"
+        backup.ensure_tls_cert(self)
         conf.write_text(self.s3relay_config())
         nginx = shutil.which("nginx") or "/usr/sbin/nginx"
         self._spawn("s3relay", [nginx, "-p", str(prefix), "-c", str(conf), "-g", "daemon off;"])
@@ -673,6 +706,7 @@ class Stack:
             # prometheus_client's multiprocess mode: one directory shared by the workers
             "PROMETHEUS_MULTIPROC_DIR": str(self.run_dir / f"{_instance_name('ext', instance)}-metrics"),
             **pooler.ext_env(self, secrets),
+            **backup.ext_env(self),  # after a restore: objects newer than its target are held
         }
 
     def _start_ext(self, secrets: credentials.StackSecrets, instance: int = 0) -> None:

@@ -7,14 +7,14 @@ TEST_STAMP := $(VENV)/.bootstrapped-test
 
 .PHONY: up down status migrate test lint bootstrap analyst analyst-revoke analysts bench
 
-$(STAMP): pyproject.toml requirements.lock scripts/bootstrap.sh db/ext/tp_guard/tp_guard.c db/ext/tp_guard/Makefile
+$(STAMP): pyproject.toml requirements.lock scripts/bootstrap.sh scripts/apt.sh db/ext/tp_guard/tp_guard.c db/ext/tp_guard/Makefile
 	scripts/bootstrap.sh
 	touch $@
 
 bootstrap: $(STAMP)
 
 # chromium and wrk: only `make test` and `make bench` need them, not `make up`
-$(TEST_STAMP): $(STAMP) scripts/bootstrap-test.sh
+$(TEST_STAMP): $(STAMP) scripts/bootstrap-test.sh scripts/apt.sh
 	scripts/bootstrap-test.sh
 	touch $@
 

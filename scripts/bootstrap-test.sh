@@ -6,19 +6,11 @@
 # Idempotent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/apt.sh
 
 missing=()
 command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || missing+=(chromium)
 command -v wrk >/dev/null 2>&1 || missing+=(wrk)
 command -v jq >/dev/null 2>&1 || missing+=(jq)
 
-if [ ${#missing[@]} -gt 0 ]; then
-    if [ "$(id -u)" != 0 ]; then
-        echo "bootstrap-test: missing system packages: ${missing[*]} (install them, or run as root)" >&2
-        exit 1
-    fi
-    echo "bootstrap-test: installing ${missing[*]}" >&2
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+apt_install bootstrap-test ${missing[@]+"${missing[@]}"}

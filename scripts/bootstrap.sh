@@ -7,6 +7,7 @@
 # PostgREST itself is fetched (and its sha256 checked) by `tracepipe up` into .tools/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/apt.sh
 
 missing=()
 have_initdb() { command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; }
@@ -22,14 +23,7 @@ command -v pgbackrest >/dev/null 2>&1 || missing+=(pgbackrest)  # backups (trace
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)  # the S3 relay's TLS certificate, for pgBackRest
 
 if [ ${#missing[@]} -gt 0 ]; then
-    if [ "$(id -u)" != 0 ]; then
-        echo "bootstrap: missing system packages: ${missing[*]} (install them, or run as root)" >&2
-        exit 1
-    fi
-    echo "bootstrap: installing ${missing[*]}" >&2
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    apt_install bootstrap "${missing[@]}"
     # Debian starts a system-wide nginx and PostgreSQL on install; the project runs its own.
     if command -v systemctl >/dev/null 2>&1; then systemctl disable --now nginx postgresql pgbouncer >/dev/null 2>&1 || true; fi
     service nginx stop >/dev/null 2>&1 || true
@@ -46,16 +40,7 @@ pg_extras=()
 [ -f "$pg_lib/pgxs/src/makefiles/pgxs.mk" ] || pg_extras+=("postgresql-server-dev-$pg_major")
 command -v make >/dev/null 2>&1 || pg_extras+=(make)
 command -v gcc >/dev/null 2>&1 || pg_extras+=(gcc libc6-dev)
-if [ ${#pg_extras[@]} -gt 0 ]; then
-    if [ "$(id -u)" != 0 ]; then
-        echo "bootstrap: missing system packages: ${pg_extras[*]} (install them, or run as root)" >&2
-        exit 1
-    fi
-    echo "bootstrap: installing ${pg_extras[*]}" >&2
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${pg_extras[@]}" >/dev/null
-fi
+apt_install bootstrap ${pg_extras[@]+"${pg_extras[@]}"}
 guard_build=$(mktemp -d)
 trap 'rm -rf "$guard_build"' EXIT
 cp db/ext/tp_guard/Makefile db/ext/tp_guard/tp_guard.c "$guard_build/"

@@ -62,7 +62,11 @@ class BenchStack:
         ports, extra = free_ports()
         fields: dict[str, Any] = {"state_dir": state, "tools_dir": REPO_ROOT / ".tools", **ports,
                                   # wrk measures ext alone on its port (run.auth_token): no unix socket
-                                  "service_sockets": False}
+                                  "service_sockets": False,
+                                  # one wrk caller at thousands of requests/s: with the default
+                                  # fair-use limit (200/s per caller) the figures would be the
+                                  # limit's. Raised, not off: the per-request check still runs.
+                                  "fair_use_rate": 1_000_000, "fair_use_burst": 1_000_000}
         stack = Stack(StackSettings(**fields))  # TP_* variables still apply (TP_EXT_WORKERS=4 make bench)
         bs: BenchStack | None = None
         try:

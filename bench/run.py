@@ -297,8 +297,11 @@ def upload(run: Run, fx: data.Fixtures) -> None:
         httpx.delete(f"{run.proxy}/sessions/{session_id}", headers={"Authorization": f"Bearer {token}"},
                      timeout=60).raise_for_status()
     bundle.unlink()
+    ext_log = run.bs.stack.logfile("ext")
+    fallbacks = ext_log.read_text(errors="replace").count("streamed part") if ext_log.exists() else None
     run.meta["upload"] = {"bytes": size, "proxy_mbps": prod, "boto3_mbps": direct, "ext_peak_rss": peaks,
-                          "tus_mbps": tus, "tus_ext_peak_rss": tus_peaks}
+                          "tus_mbps": tus, "tus_ext_peak_rss": tus_peaks,
+                          "tus_streamed_parts_sent_again": fallbacks}  # ext/tus.py's fallback, from ext's log
     name = f"upload a {p.file_mib} MiB bundle via proxy (POST /sessions, stored, validated, row written)"
     _transfer_figures(run, name, prod, "direct boto3 multipart put (8 MiB parts), same store", direct, 0.7, peaks)
     name = f"upload a {p.file_mib} MiB bundle through tus (5 MiB PATCHes, then validated, row written)"

@@ -55,12 +55,13 @@ from psycopg_pool import AsyncConnectionPool
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
+from ext import bundles
 from ext.config import ExtSettings
 from ext.db import as_caller, become_caller, idle_check
 from ext.deps import CallerDep, PoolDep, RequestIdDep, SettingsDep, StoreDep
 from ext.errors import ApiError, unavailable
 from ext.routers.sessions import bundle_key, insert_session, validate_stored
-from ext.storage import STORE_ERRORS, ObjectStore, StoredObject
+from ext.storage import STORE_ERRORS, ObjectStore, RangeReader, StoredObject
 
 log = logging.getLogger("ext.tus")
 router = APIRouter(tags=["uploads"])
@@ -194,8 +195,8 @@ def _state_headers(row: dict[str, Any]) -> dict[str, str]:
 # --- digests of this worker's uploads ------------------------------------------------------------
 class _Digests:
     """sha256 state of the uploads whose last PATCH this worker took, keyed by upload and
-    offset: a PATCH that continues one goes on hashing; any other reads the object back
-    once at the end (another instance took a PATCH, or ext restarted). Bounded."""
+    offset: a PATCH that continues one goes on hashing; any other hashes the object on the
+    final validation's reads (another instance took a PATCH, or ext restarted). Bounded."""
 
     def __init__(self, size: int = 256) -> None:
         self.size = size
@@ -358,20 +359,51 @@ def _streaming_client(store: ObjectStore, settings: ExtSettings) -> Any:
     return client
 
 
-def _digest_object(store: ObjectStore, key: str) -> str:
-    """sha256 of a stored object, read once (blocking: run in a worker thread)."""
-    h = hashlib.sha256()
-    try:
-        body = store.client.get_object(Bucket=store.bucket, Key=key)["Body"]
+class _HashingObjects:
+    """The store's client for one validation's RangeReader, hashing what it fetches: ranges
+    that continue the hashed prefix feed sha256, so a bundle whose digest this worker does
+    not hold (another instance took an earlier PATCH, or ext restarted) is hashed on the
+    validation's own reads (it reads every member, in order); what they skipped (the central
+    directory, gaps) is read once more by rest(). Blocking: use from a worker thread."""
+
+    def __init__(self, client: Any, bucket: str, key: str, size: int, chunk: int) -> None:
+        self.client, self.bucket, self.key, self.size, self.chunk = client, bucket, key, size, chunk
+        self.hasher = hashlib.sha256()
+        self.hashed = 0
+
+    def get_object(self, **kwargs: Any) -> dict[str, Any]:
+        response = self.client.get_object(**kwargs)
+        data: bytes = response["Body"].read()
+        spec = str(kwargs.get("Range", "bytes=0-"))
+        start = int(spec.removeprefix("bytes=").split("-", 1)[0] or 0)
+        if start <= self.hashed < start + len(data):
+            self.hasher.update(memoryview(data)[self.hashed - start:])
+            self.hashed = start + len(data)
+        return {**response, "Body": io.BytesIO(data)}
+
+    def rest(self) -> str:
+        """sha256 of the whole object: the part the validation did not read in order, read now."""
         try:
-            for chunk in body.iter_chunks(store.chunk):
-                h.update(chunk)
-        finally:
-            body.close()
-    except STORE_ERRORS as e:
-        log.warning("object store error while hashing %s: %s", key, e)
-        raise unavailable("object storage") from e
-    return h.hexdigest()
+            while self.hashed < self.size:
+                end = min(self.size, self.hashed + self.chunk) - 1
+                self.get_object(Bucket=self.bucket, Key=self.key, Range=f"bytes={self.hashed}-{end}")
+        except STORE_ERRORS as e:
+            log.warning("object store error while hashing %s: %s", self.key, e)
+            raise unavailable("object storage") from e
+        return self.hasher.hexdigest()
+
+
+async def _validate_and_digest(store: ObjectStore, settings: ExtSettings, key: str, size: int,
+                               hasher: Any) -> tuple[bundles.BundleSummary, str]:
+    """validate_stored, and the object's sha256: the one this worker computed while the bytes
+    came in, or one computed on the validation's reads (no second pass over the object)."""
+    if hasher is not None:
+        return await validate_stored(store, settings, StoredObject(key, size, "")), hasher.hexdigest()
+    objects = _HashingObjects(store.client, store.bucket, key, size, RangeReader.MAX_FETCH)
+    reader = RangeReader(objects, store.bucket, key, size)
+    reader.MAX_FETCH = settings.bundle_read_bytes  # as validate_stored
+    summary = await run_in_threadpool(bundles.validate, reader, bundles.Limits.of(settings))
+    return summary, await run_in_threadpool(objects.rest)
 
 
 class _Receiver:
@@ -631,12 +663,11 @@ async def _finish(conn: psycopg.AsyncConnection[Any], caller: dict[str, Any], ri
         await _write(conn, caller, rid, "update app.tus_uploads set state = 'assembled', s3_upload_id = null"
                      " where id = %s and state = 'receiving'", [upload_id])
         row = {**row, "state": "assembled", "s3_upload_id": None}
-    sha256 = hasher.hexdigest() if hasher is not None else await run_in_threadpool(_digest_object, store, key)
-    stored = StoredObject(key, row["upload_length"], sha256)
     metadata = dict(row["metadata"])
     suite_id = str(row["suite_id"]) if row["suite_id"] else None
     try:
-        summary = await validate_stored(store, settings, stored)
+        summary, sha256 = await _validate_and_digest(store, settings, key, row["upload_length"], hasher)
+        stored = StoredObject(key, row["upload_length"], sha256)
         async with conn.transaction():
             await become_caller(conn, caller, rid)
             session = await insert_session(conn, session_id, stored, summary, metadata, suite_id)

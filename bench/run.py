@@ -501,14 +501,9 @@ def pipeline(run: Run) -> None:
                     count()
         return work
 
-    ways = [("per_job", per_job), ("worker_loop", worker_loop(1)), ("worker_loop_batch10", worker_loop(10))]
-    rates: dict[str, list[float]] = {name: [] for name, _ in ways}
-    for _ in range(p.rounds):
-        for name, way in ways:
-            rates[name].append(_drain(run, name, user_id, headers, jobs_n, way))
-
     # The same two transactions per job through pgbench (8 clients), as tp_pipeline with the
-    # claims and the pre-request hook, on a suite with more jobs than it can take in its run.
+    # claims and the pre-request hook, on a suite with more jobs than it can take in its runs;
+    # one run per round, interleaved with the API's (the machine's load moves).
     sql_suite = _new_suite(run, user_id)
     _enqueue(run, user_id, sql_suite, 40_000 if p.name == "quick" else 120_000)
     prologue = (f"select set_config('role', 'tp_pipeline', true), set_config('request.jwt.claims', "
@@ -519,9 +514,19 @@ def pipeline(run: Run) -> None:
         "commit;", "begin;", prologue,
         "select state from app.pipeline_complete(:job_id::uuid, :token::uuid, null);",
         "commit;", ""])
-    sql = pgbench(run.bs.authenticator(), script, clients=PIPELINE_WORKERS, jobs=2, duration_s=p.duration_s,
-                  warmup_s=p.warmup_s)
-    run.meta["pipeline"] = {"api_jobs": jobs_n, "api_jobs_per_s": rates, "pgbench": asdict(sql)}
+
+    ways = [("per_job", per_job), ("worker_loop", worker_loop(1)), ("worker_loop_batch10", worker_loop(10))]
+    rates: dict[str, list[float]] = {name: [] for name, _ in ways}
+    sql_runs: list[LoadResult] = []
+    for _ in range(p.rounds):
+        for name, way in ways:
+            rates[name].append(_drain(run, name, user_id, headers, jobs_n, way))
+        sql_runs.append(pgbench(run.bs.authenticator(), script, clients=PIPELINE_WORKERS, jobs=2,
+                                duration_s=p.duration_s, warmup_s=p.warmup_s))
+    sql = median_result(sql_runs)
+    run.meta["pipeline"] = {"api_jobs": jobs_n, "api_jobs_per_s": rates, "pgbench": [asdict(r) for r in sql_runs],
+                            "ratio_per_round": {name: [round(v / r.rps, 3) for v, r in zip(vs, sql_runs, strict=True)]
+                                                for name, vs in rates.items()}}
     base = "same SQL (claim, complete: two transactions per job) via pgbench as tp_pipeline, hook included, 8 clients"
     run.add("pipeline: claim + complete, 8 workers through the proxy, one job per claim (2 requests per job)",
             statistics.median(rates["per_job"]), "jobs/s", base, sql.rps, "≥ 50%",

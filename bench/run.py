@@ -34,6 +34,8 @@ import psycopg
 from bench import data
 from bench.load import BenchError, LoadResult, median_result, pgbench, sql_literal, wrk
 from bench.stack import BenchStack
+from tracepipe import worker
+from tracepipe.client import Client
 from tracepipe.procs import PeakRss
 from tracepipe.settings import REPO_ROOT
 
@@ -295,8 +297,11 @@ def upload(run: Run, fx: data.Fixtures) -> None:
         httpx.delete(f"{run.proxy}/sessions/{session_id}", headers={"Authorization": f"Bearer {token}"},
                      timeout=60).raise_for_status()
     bundle.unlink()
+    ext_log = run.bs.stack.logfile("ext")
+    fallbacks = ext_log.read_text(errors="replace").count("streamed part") if ext_log.exists() else None
     run.meta["upload"] = {"bytes": size, "proxy_mbps": prod, "boto3_mbps": direct, "ext_peak_rss": peaks,
-                          "tus_mbps": tus, "tus_ext_peak_rss": tus_peaks}
+                          "tus_mbps": tus, "tus_ext_peak_rss": tus_peaks,
+                          "tus_streamed_parts_sent_again": fallbacks}  # ext/tus.py's fallback, from ext's log
     name = f"upload a {p.file_mib} MiB bundle via proxy (POST /sessions, stored, validated, row written)"
     _transfer_figures(run, name, prod, "direct boto3 multipart put (8 MiB parts), same store", direct, 0.7, peaks)
     name = f"upload a {p.file_mib} MiB bundle through tus (5 MiB PATCHes, then validated, row written)"
@@ -428,6 +433,41 @@ def _new_suite(run: Run, user_id: str) -> str:
     return str(row[0])
 
 
+def _drain(run: Run, label: str, user_id: str, headers: dict[str, str], n: int,
+           way: Callable[[httpx.Client, str, Callable[[], bool], threading.Event], None]) -> float:
+    """jobs/s of PIPELINE_WORKERS threads working n fresh jobs of a new suite with `way`
+    (it calls count() after each completed job; `finished` is set once all n are done)."""
+    suite = _new_suite(run, user_id)
+    _enqueue(run, user_id, suite, n)
+    lock, done, finished = threading.Lock(), [0], threading.Event()
+
+    def count() -> bool:
+        with lock:
+            done[0] += 1
+            if done[0] >= n:
+                finished.set()
+            return finished.is_set()
+
+    def work(_: int) -> None:
+        with httpx.Client(base_url=run.proxy, headers=headers, timeout=60) as c:
+            way(c, suite, count, finished)
+
+    before = run.bs.cpu_by_component() | {"bench client": time.process_time()}
+    started = time.monotonic()
+    with ThreadPoolExecutor(PIPELINE_WORKERS) as pool:
+        futures = [pool.submit(work, i) for i in range(PIPELINE_WORKERS)]
+        finished.wait(timeout=900)
+        seconds = time.monotonic() - started
+        after = run.bs.cpu_by_component() | {"bench client": time.process_time()}
+        for f in futures:
+            f.result()
+    if done[0] != n:
+        raise BenchError(f"the workers finished {done[0]} of {n} jobs")
+    used = {k: round((after[k] - before.get(k, 0.0)) * 1e6 / n) for k in after}
+    run.meta.setdefault("cpu_us_per_request", {})[f"pipeline {label} (per job)"] = {k: v for k, v in used.items() if v}
+    return n / seconds
+
+
 def pipeline(run: Run) -> None:
     run.phase("pipeline queue: claim + complete via the API vs pgbench; long-poll wake-up")
     p = run.profile
@@ -435,33 +475,35 @@ def pipeline(run: Run) -> None:
     headers = {"Authorization": f"Bearer {token}"}
     jobs_n = 600 if p.name == "quick" else 3000
 
-    # Throughput: 8 workers drain jobs_n jobs (claim one, complete it), as fast as they can.
-    suite = _new_suite(run, user_id)
-    _enqueue(run, user_id, suite, jobs_n)
-    done = [0] * PIPELINE_WORKERS
+    # Throughput, three ways, each 8 workers draining jobs_n jobs of a suite of their own:
+    # raw calls (claim one, complete it: two requests per job), the client's worker loop
+    # (complete leases the next job: one request per job), and the loop leasing 10 per claim.
+    def per_job(c: httpx.Client, suite: str, count: Callable[[], bool], finished: threading.Event) -> None:
+        while True:
+            r = c.post("/pipeline/claim", json={"suite_id": suite})
+            r.raise_for_status()
+            leases = r.json()
+            if not leases:
+                return
+            for lease in leases:
+                c.post(f"/pipeline/jobs/{lease['id']}/complete",
+                       json={"lease_token": lease["lease_token"]}).raise_for_status()
+                count()
 
-    def work(i: int) -> None:
-        with httpx.Client(base_url=run.proxy, headers=headers, timeout=60) as c:
-            while True:
-                r = c.post("/pipeline/claim", json={"suite_id": suite})
-                r.raise_for_status()
-                leases = r.json()
-                if not leases:
-                    return
-                for lease in leases:
-                    c.post(f"/pipeline/jobs/{lease['id']}/complete",
-                           json={"lease_token": lease["lease_token"]}).raise_for_status()
-                    done[i] += 1
-
-    started = time.monotonic()
-    with ThreadPoolExecutor(PIPELINE_WORKERS) as pool:
-        list(pool.map(work, range(PIPELINE_WORKERS)))
-    api_rate = sum(done) / (time.monotonic() - started)
-    if sum(done) != jobs_n:
-        raise BenchError(f"the workers finished {sum(done)} of {jobs_n} jobs")
+    def worker_loop(limit: int) -> Callable[[httpx.Client, str, Callable[[], bool], threading.Event], None]:
+        def work(c: httpx.Client, suite: str, count: Callable[[], bool], finished: threading.Event) -> None:
+            with Client(run.proxy, token=token) as tp:  # the loop ends once all are done (finished)
+                for job in worker.jobs(tp, limit=limit, wait_s=0.5, suite_id=suite, stop=finished):
+                    with job:
+                        pass
+                    if job.lease_lost.is_set():
+                        raise BenchError(f"lost the lease of {job}")
+                    count()
+        return work
 
     # The same two transactions per job through pgbench (8 clients), as tp_pipeline with the
-    # claims and the pre-request hook, on a suite with more jobs than it can take in its run.
+    # claims and the pre-request hook, on a suite with more jobs than it can take in its runs;
+    # one run per round, interleaved with the API's (the machine's load moves).
     sql_suite = _new_suite(run, user_id)
     _enqueue(run, user_id, sql_suite, 40_000 if p.name == "quick" else 120_000)
     prologue = (f"select set_config('role', 'tp_pipeline', true), set_config('request.jwt.claims', "
@@ -472,12 +514,28 @@ def pipeline(run: Run) -> None:
         "commit;", "begin;", prologue,
         "select state from app.pipeline_complete(:job_id::uuid, :token::uuid, null);",
         "commit;", ""])
-    sql = pgbench(run.bs.authenticator(), script, clients=PIPELINE_WORKERS, jobs=2, duration_s=p.duration_s,
-                  warmup_s=p.warmup_s)
-    run.meta["pipeline"] = {"api_jobs": jobs_n, "api_jobs_per_s": api_rate, "pgbench": asdict(sql)}
-    run.add("pipeline: claim + complete, 8 workers through the proxy", api_rate, "jobs/s",
-            "same SQL (claim, complete) via pgbench as tp_pipeline, hook included, 8 clients", sql.rps,
-            "≥ 50%", lambda v, r: r is not None and r >= 0.5)
+
+    ways = [("per_job", per_job), ("worker_loop", worker_loop(1)), ("worker_loop_batch10", worker_loop(10))]
+    rates: dict[str, list[float]] = {name: [] for name, _ in ways}
+    sql_runs: list[LoadResult] = []
+    for _ in range(p.rounds):
+        for name, way in ways:
+            rates[name].append(_drain(run, name, user_id, headers, jobs_n, way))
+        sql_runs.append(pgbench(run.bs.authenticator(), script, clients=PIPELINE_WORKERS, jobs=2,
+                                duration_s=p.duration_s, warmup_s=p.warmup_s))
+    sql = median_result(sql_runs)
+    run.meta["pipeline"] = {"api_jobs": jobs_n, "api_jobs_per_s": rates, "pgbench": [asdict(r) for r in sql_runs],
+                            "ratio_per_round": {name: [round(v / r.rps, 3) for v, r in zip(vs, sql_runs, strict=True)]
+                                                for name, vs in rates.items()}}
+    base = "same SQL (claim, complete: two transactions per job) via pgbench as tp_pipeline, hook included, 8 clients"
+    run.add("pipeline: claim + complete, 8 workers through the proxy, one job per claim (2 requests per job)",
+            statistics.median(rates["per_job"]), "jobs/s", base, sql.rps, "≥ 50%",
+            lambda v, r: r is not None and r >= 0.5)
+    run.add("pipeline: the client's worker loop (tp.jobs()), 8 workers, one job at a time, complete leasing the "
+            "next (1 request per job)", statistics.median(rates["worker_loop"]), "jobs/s", base, sql.rps, "≥ 50%",
+            lambda v, r: r is not None and r >= 0.5)
+    run.add("pipeline: the client's worker loop, 8 workers, batched: 10 jobs per claim (each completed on its own)",
+            statistics.median(rates["worker_loop_batch10"]), "jobs/s", base, sql.rps)
 
     # Wake-up: one worker long-polls; a session is committed; time until its job is claimed.
     wake_suite = _new_suite(run, user_id)
@@ -667,6 +725,39 @@ def write_results(figures: list[Figure], meta: dict[str, Any], out: Path) -> str
     return md
 
 
+def _pipeline_phase(run: Run, fx: data.Fixtures) -> None:
+    pipeline(run)
+
+
+def _backup_phase(run: Run, fx: data.Fixtures) -> None:
+    seed(run)
+    backups(run, fx)
+
+
+ONLY: dict[str, Callable[[Run, data.Fixtures], None]] = {
+    "queue": _pipeline_phase,  # the pipeline's queue: throughput and wake-up
+    "pipeline": _pipeline_phase,
+    "tus": upload,  # uploads: POST /sessions, tus and boto3 in the same rounds
+    "upload": upload,
+    "stream": stream,
+    "backup": _backup_phase,  # seeds the profile's rows first
+    # scaleout: the read replica and PgBouncer (bench/scaleout.py), on throwaway stacks of its own
+    "scaleout": lambda run, fx: None,
+}
+
+
+def _phases(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in ONLY]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"unknown phase {', '.join(unknown) or text!r}: choose from {', '.join(ONLY)}")
+    out: list[str] = []
+    for n in names:  # in the order given, aliases once
+        if all(ONLY[m] is not ONLY[n] for m in out):
+            out.append(n)
+    return out
+
+
 class _Done(Exception):
     """The phases asked for (--only) are measured."""
 
@@ -677,9 +768,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--running", action="store_true",
                         help="benchmark the running stack of the TP_* environment instead of a throwaway one")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where latest.{json,md,meta.json} go")
-    parser.add_argument("--only", choices=("pipeline", "scaleout", "backup"),
-                        help="run only this phase; scaleout: the read replica and PgBouncer (bench/scaleout.py),"
-                             " on throwaway stacks of their own; backup seeds the profile's rows first")
+    parser.add_argument("--only", type=_phases, default=None, metavar="PHASE[,PHASE]",
+                        help=f"run only these phases, comma-separated ({', '.join(ONLY)}; development)")
     parser.add_argument("--scale", type=int, default=2, help="--only scaleout: instances of PostgREST and ext")
     args = parser.parse_args(argv)
     profile = QUICK if args.quick else FULL
@@ -687,7 +777,7 @@ def main(argv: list[str] | None = None) -> int:
         print("bench: wrk is missing (apt-get install wrk; scripts/bootstrap.sh does)", file=sys.stderr)
         return 2
     meta: dict[str, Any] = {"profile": profile.name, "machine": machine(), "loadavg_start": _loadavg()}
-    if args.only == "scaleout":
+    if args.only and "scaleout" in args.only:
         from bench.scaleout import scaleout
 
         run = Run(profile, None, Path(tempfile.gettempdir()), meta=meta)  # type: ignore[arg-type]
@@ -706,12 +796,9 @@ def main(argv: list[str] | None = None) -> int:
             meta["stack"] = {"owned": bs.owned, "state_dir": str(bs.stack.state),
                              "started_s": round(time.monotonic() - START, 1)}
             fx = data.create_fixtures(run.proxy)
-            if args.only == "pipeline":
-                pipeline(run)
-                raise _Done
-            if args.only == "backup":
-                seed(run)
-                backups(run, fx)
+            if args.only:
+                for name in args.only:
+                    ONLY[name](run, fx)
                 raise _Done
             seed(run)
             reads(run, fx)

@@ -138,6 +138,10 @@ class ExtSettings(BaseSettings):
                                                     "are aborted")
     tus_max_patches: int = Field(16, description="PATCHes one ext worker takes at once (each holds a database "
                                                 "connection of its own for its lock)")
+    tus_stream_parts: bool = Field(True, description="send each S3 part while its bytes arrive (the PATCH's copy "
+                                                     "stays the fallback); off: receive the part, then send it")
+    tus_stream_idle_s: float = Field(10.0, description="a streamed part waiting this long for the client's next "
+                                                       "bytes gives up; the buffered copy is sent instead")
 
     # Behind a transaction pooler (PgBouncer, tracepipe/pooler.py): database_url is the
     # pooler's; what needs one server session of its own goes around it.

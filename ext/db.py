@@ -95,22 +95,29 @@ _ROLE_STATEMENT_TIMEOUT = (
     " and s like 'statement\\_timeout=%%' order by d.setdatabase desc limit 1)"
 )
 
+# Becoming the caller, inside a transaction: the token's role, its claims, the request id
+# and the role's statement_timeout, all transaction-local; then the pre-request hook.
+CALLER_SQL = ("select set_config('role', %s, true), set_config('request.jwt.claims', %s, true),"
+              " set_config('application_name', %s, true),"
+              " set_config('statement_timeout', coalesce(" + _ROLE_STATEMENT_TIMEOUT + ","
+              " current_setting('statement_timeout')), true)")
+CHECK_REQUEST_SQL = "select auth.check_request()"
+
 
 async def become_caller(conn: psycopg.AsyncConnection[Any], claims: dict[str, Any],
                         request_id: str | None = None) -> None:
     """Inside an open transaction: the token's role and claims, set locally, and the
     pre-request hook. For connections held across transactions (tus PATCH, ext/tus.py)."""
     try:
-        await conn.execute(
-            "select set_config('role', %s, true), set_config('request.jwt.claims', %s, true),"
-            " set_config('application_name', %s, true),"
-            " set_config('statement_timeout', coalesce(" + _ROLE_STATEMENT_TIMEOUT + ","
-            " current_setting('statement_timeout')), true)",
-            [claims["role"], json.dumps(claims), f"tracepipe-ext {request_id or ''}".strip(), claims["role"]],
-        )
+        await conn.execute(CALLER_SQL, caller_params(claims, request_id))
     except psycopg.errors.InsufficientPrivilege:
         raise unauthorized("the token's role is not one a token may carry") from None
-    await conn.execute("select auth.check_request()")
+    await conn.execute(CHECK_REQUEST_SQL)
+
+
+def caller_params(claims: dict[str, Any], request_id: str | None = None) -> list[Any]:
+    """The parameters of CALLER_SQL for these claims."""
+    return [claims["role"], json.dumps(claims), f"tracepipe-ext {request_id or ''}".strip(), claims["role"]]
 
 
 @asynccontextmanager

@@ -13,6 +13,14 @@ lock would serialise the same way but lives only as long as a transaction, and e
 part's progress must commit while the PATCH goes on.
 
 Memory: a PATCH holds at most one part (tus_part_bytes) and sends it before reading more.
+With a declared Content-Length (every tus client sends one) the part is sent while it is
+received (tus_stream_parts): an upload_part in a worker thread reads the same chunks the
+PATCH keeps as they arrive (references, no second copy), so storing overlaps receiving and
+the PATCH answers right after its last byte is stored. The kept copy is the fallback: a
+streamed part that fails (the client stalls past tus_stream_idle_s, the body is cut, the
+store errs) is dropped and the buffered bytes go the buffered way. The streamed request is
+sent without a payload hash (x-amz-content-sha256: UNSIGNED-PAYLOAD, its headers still
+signed): SigV4 needs the hash before the first byte.
 
 When the last byte lands, the bundle is validated and the session written with the
 functions of POST /sessions (ext/routers/sessions.py), in the transaction that marks the
@@ -23,11 +31,13 @@ bundle answers the §5 error body and leaves nothing: no row, no object, no part
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
 import io
 import logging
+import queue
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator
@@ -45,12 +55,13 @@ from psycopg_pool import AsyncConnectionPool
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
+from ext import bundles
 from ext.config import ExtSettings
 from ext.db import as_caller, become_caller, idle_check
 from ext.deps import CallerDep, PoolDep, RequestIdDep, SettingsDep, StoreDep
 from ext.errors import ApiError, unavailable
 from ext.routers.sessions import bundle_key, insert_session, validate_stored
-from ext.storage import STORE_ERRORS, ObjectStore, StoredObject
+from ext.storage import STORE_ERRORS, ObjectStore, RangeReader, StoredObject
 
 log = logging.getLogger("ext.tus")
 router = APIRouter(tags=["uploads"])
@@ -184,8 +195,8 @@ def _state_headers(row: dict[str, Any]) -> dict[str, str]:
 # --- digests of this worker's uploads ------------------------------------------------------------
 class _Digests:
     """sha256 state of the uploads whose last PATCH this worker took, keyed by upload and
-    offset: a PATCH that continues one goes on hashing; any other reads the object back
-    once at the end (another instance took a PATCH, or ext restarted). Bounded."""
+    offset: a PATCH that continues one goes on hashing; any other hashes the object on the
+    final validation's reads (another instance took a PATCH, or ext restarted). Bounded."""
 
     def __init__(self, size: int = 256) -> None:
         self.size = size
@@ -282,20 +293,117 @@ async def discard_objects(store: ObjectStore, upload_id: str, session_id: str, s
     return ok
 
 
-def _digest_object(store: ObjectStore, key: str) -> str:
-    """sha256 of a stored object, read once (blocking: run in a worker thread)."""
-    h = hashlib.sha256()
-    try:
-        body = store.client.get_object(Bucket=store.bucket, Key=key)["Body"]
+class _PartStream:
+    """The body of a streamed upload_part: read in boto3's worker thread, fed by the event
+    loop with the chunks the receiver keeps anyway (references: the queue holds no bytes of
+    its own beyond the one part). fail() or `idle_s` without bytes makes the next read raise,
+    which ends the request with an error."""
+
+    def __init__(self, size: int, idle_s: float) -> None:
+        self.size = size
+        self.fed = 0
+        self.returned = 0
+        self.idle_s = idle_s
+        self._queue: queue.SimpleQueue[bytes | memoryview | None] = queue.SimpleQueue()
+        self._current: memoryview = memoryview(b"")
+        self._failed = False
+
+    def feed(self, data: bytes | memoryview) -> None:
+        self._queue.put(data)
+        self.fed += len(data)
+
+    def fail(self) -> None:
+        self._queue.put(None)
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:  # everything left (http.client reads in blocks; this is for completeness)
+            parts = []
+            while block := self.read(1 << 20):
+                parts.append(block)
+            return b"".join(parts)
+        if self.returned >= self.size:
+            return b""
+        while not self._current:
+            if self._failed:
+                raise OSError("the part's bytes stopped coming")
+            try:
+                item = self._queue.get(timeout=self.idle_s)
+            except queue.Empty:
+                item = None
+            if item is None:
+                self._failed = True
+                continue
+            self._current = memoryview(item)
+        take = min(n, len(self._current), self.size - self.returned)
+        out = bytes(self._current[:take])
+        self._current = self._current[take:]
+        self.returned += take
+        return out
+
+
+def _streaming_client(store: ObjectStore, settings: ExtSettings) -> Any:
+    """The store's S3 client for streamed parts: no payload hash (it would need the body
+    before sending) and no checksum of the body (likewise); one per store."""
+    client = getattr(store, "_tus_streaming_client", None)
+    if client is None:
+        import boto3
+        from botocore.config import Config
+
+        client = boto3.client(
+            "s3", endpoint_url=settings.s3_endpoint, aws_access_key_id=settings.s3_access_key,
+            aws_secret_access_key=settings.s3_secret_key, region_name=settings.s3_region,
+            config=Config(retries={"max_attempts": 1, "mode": "standard"}, connect_timeout=3, read_timeout=60,
+                          max_pool_connections=settings.tus_max_patches, request_checksum_calculation="when_required",
+                          s3={"addressing_style": "path", "payload_signing_enabled": False}))
+        store._tus_streaming_client = client  # type: ignore[attr-defined]
+    return client
+
+
+class _HashingObjects:
+    """The store's client for one validation's RangeReader, hashing what it fetches: ranges
+    that continue the hashed prefix feed sha256, so a bundle whose digest this worker does
+    not hold (another instance took an earlier PATCH, or ext restarted) is hashed on the
+    validation's own reads (it reads every member, in order); what they skipped (the central
+    directory, gaps) is read once more by rest(). Blocking: use from a worker thread."""
+
+    def __init__(self, client: Any, bucket: str, key: str, size: int, chunk: int) -> None:
+        self.client, self.bucket, self.key, self.size, self.chunk = client, bucket, key, size, chunk
+        self.hasher = hashlib.sha256()
+        self.hashed = 0
+
+    def get_object(self, **kwargs: Any) -> dict[str, Any]:
+        response = self.client.get_object(**kwargs)
+        data: bytes = response["Body"].read()
+        spec = str(kwargs.get("Range", "bytes=0-"))
+        start = int(spec.removeprefix("bytes=").split("-", 1)[0] or 0)
+        if start <= self.hashed < start + len(data):
+            self.hasher.update(memoryview(data)[self.hashed - start:])
+            self.hashed = start + len(data)
+        return {**response, "Body": io.BytesIO(data)}
+
+    def rest(self) -> str:
+        """sha256 of the whole object: the part the validation did not read in order, read now."""
         try:
-            for chunk in body.iter_chunks(store.chunk):
-                h.update(chunk)
-        finally:
-            body.close()
-    except STORE_ERRORS as e:
-        log.warning("object store error while hashing %s: %s", key, e)
-        raise unavailable("object storage") from e
-    return h.hexdigest()
+            while self.hashed < self.size:
+                end = min(self.size, self.hashed + self.chunk) - 1
+                self.get_object(Bucket=self.bucket, Key=self.key, Range=f"bytes={self.hashed}-{end}")
+        except STORE_ERRORS as e:
+            log.warning("object store error while hashing %s: %s", self.key, e)
+            raise unavailable("object storage") from e
+        return self.hasher.hexdigest()
+
+
+async def _validate_and_digest(store: ObjectStore, settings: ExtSettings, key: str, size: int,
+                               hasher: Any) -> tuple[bundles.BundleSummary, str]:
+    """validate_stored, and the object's sha256: the one this worker computed while the bytes
+    came in, or one computed on the validation's reads (no second pass over the object)."""
+    if hasher is not None:
+        return await validate_stored(store, settings, StoredObject(key, size, "")), hasher.hexdigest()
+    objects = _HashingObjects(store.client, store.bucket, key, size, RangeReader.MAX_FETCH)
+    reader = RangeReader(objects, store.bucket, key, size)
+    reader.MAX_FETCH = settings.bundle_read_bytes  # as validate_stored
+    summary = await run_in_threadpool(bundles.validate, reader, bundles.Limits.of(settings))
+    return summary, await run_in_threadpool(objects.rest)
 
 
 class _Receiver:
@@ -321,15 +429,26 @@ class _Receiver:
         self.hasher = DIGESTS.take(self.id, self.offset)
         self._chunks: list[bytes] = []  # bytes from parts_bytes on, not in a part yet
         self._buffered = 0
+        self.stream_parts = settings.tus_stream_parts
+        self.stream_idle_s = settings.tus_stream_idle_s
+        self._settings = settings
+        self._end: int | None = None  # where this PATCH's bytes end, when it declared its length
+        self._stream: _PartStream | None = None
+        self._stream_task: asyncio.Future[Any] | None = None
+        self.parts_streamed = 0
 
-    async def receive(self, request: Request, checksum: bytes | None = None) -> None:
+    async def receive(self, request: Request, checksum: bytes | None = None, declared: int | None = None) -> None:
         """With `checksum` (sha256 of this PATCH's body, at most tus_part_bytes) nothing is
-        kept until the body is in and matches: a mismatch or a cut body changes nothing."""
+        kept until the body is in and matches: a mismatch or a cut body changes nothing.
+        With `declared` (Content-Length) and no checksum, parts are streamed as they arrive."""
         if self.tail_bytes:
             self._add(await self._read_tail())
         room = self.length - self.offset
         received = 0
         chunk_digest = hashlib.sha256() if checksum is not None else None
+        if self.stream_parts and checksum is None and declared is not None and declared <= room:
+            self._end = self.offset + declared
+            self._start_stream()
         try:
             async for chunk in request.stream():
                 if not chunk:
@@ -345,12 +464,19 @@ class _Receiver:
                 if chunk_digest is not None:
                     chunk_digest.update(chunk)
                     continue
-                while self._buffered >= self.part_bytes:
-                    await self._send_part(self._take(self.part_bytes))
+                if self._stream is not None:
+                    need = self._stream.size - self._stream.fed
+                    if need > 0:
+                        self._stream.feed(chunk if len(chunk) <= need else memoryview(chunk)[:need])
+                await self._flush_parts()
         except ClientDisconnect:  # keep what arrived (tus: the client resumes from the offset)
+            await self._drop_stream()
             if chunk_digest is None:
                 await self._save_rest()
                 DIGESTS.put(self.id, self.offset, self.hasher)
+            raise
+        except BaseException:
+            await self._drop_stream()
             raise
         if chunk_digest is not None:
             if chunk_digest.digest() != checksum:
@@ -358,12 +484,91 @@ class _Receiver:
                                 "Nothing of this PATCH was kept: send it again.", code="TP460")
             while self._buffered >= self.part_bytes:
                 await self._send_part(self._take(self.part_bytes))
+        await self._flush_parts()
+        await self._drop_stream()  # a declared length the body did not reach: buffered way
         await self._save_rest()
         DIGESTS.put(self.id, self.offset, self.hasher)
+
+    # -- streamed parts
+    def _stream_size(self) -> int:
+        """The size of the part starting at parts_bytes if this PATCH's declared bytes fill
+        it (a full part, or the upload's last, or at least S3's minimum); else 0."""
+        if self._end is None:
+            return 0
+        remaining = self._end - self.parts_bytes
+        if remaining >= self.part_bytes:
+            return self.part_bytes
+        if remaining > 0 and (self._end == self.length or remaining >= self.min_part):
+            return remaining
+        return 0
+
+    def _start_stream(self) -> None:
+        size = self._stream_size()
+        if not size:
+            return
+        stream = _PartStream(size, self.stream_idle_s)
+        for chunk in self._chunks:  # the tail read back, or what the last part left over
+            need = size - stream.fed
+            if need <= 0:
+                break
+            stream.feed(chunk if len(chunk) <= need else memoryview(chunk)[:need])
+        client = _streaming_client(self.store, self._settings)
+        self._stream = stream
+        self._stream_task = asyncio.ensure_future(self.store._call(
+            client.upload_part, Key=self.key, UploadId=self.s3_upload_id, PartNumber=len(self.parts) + 1,
+            Body=stream, ContentLength=size))
+
+    async def _flush_parts(self) -> None:
+        """Commits every part whose bytes are all in: a streamed one when its request ends
+        (or, failed, sent from the kept copy), a buffered one when tus_part_bytes are in."""
+        while True:
+            stream, task = self._stream, self._stream_task
+            if stream is not None and task is not None:
+                if stream.fed < stream.size:
+                    return
+                self._stream = self._stream_task = None
+                etag: str | None = None
+                try:
+                    etag = (await task)["ETag"]
+                except Exception as e:  # the kept copy goes the buffered way
+                    log.info("streamed part %s of upload %s failed (%s): sending it again", len(self.parts) + 1,
+                             self.id, e)
+                if etag is None:
+                    await self._send_part(self._take(stream.size))
+                else:
+                    self._drop(stream.size)
+                    self.parts_streamed += 1
+                    await self._commit_part(stream.size, etag)
+                self._start_stream()
+            elif self._buffered >= self.part_bytes:
+                await self._send_part(self._take(self.part_bytes))
+            else:
+                return
+
+    async def _drop_stream(self) -> None:
+        """Ends a streamed part that will not be completed (its bytes stay kept)."""
+        stream, task = self._stream, self._stream_task
+        self._stream = self._stream_task = None
+        self._end = None
+        if stream is not None and task is not None:
+            stream.fail()
+            with suppress(Exception):
+                await task
 
     def _add(self, data: bytes) -> None:
         self._chunks.append(data)
         self._buffered += len(data)
+
+    def _drop(self, n: int) -> None:
+        """Forgets the first n buffered bytes (a streamed part's, stored): no join."""
+        excess = self._buffered - n
+        rest: bytes = b""
+        if excess and len(self._chunks[-1]) >= excess:
+            rest = self._chunks[-1][-excess:]
+        elif excess:
+            rest = b"".join(self._chunks)[n:]
+        self._chunks = [rest] if rest else []
+        self._buffered = len(rest)
 
     def _take(self, n: int) -> bytes:
         """The first n buffered bytes as one object (the one copy a part costs); the rest stays."""
@@ -410,8 +615,13 @@ class _Receiver:
                                             PartNumber=number, Body=body)
         finally:
             body.close()
-        part = {"n": number, "etag": result["ETag"], "size": len(data)}
-        end = self.parts_bytes + len(data)
+        await self._commit_part(len(data), result["ETag"])
+
+    async def _commit_part(self, size: int, etag: str) -> None:
+        """Records a stored part (its ETag) and the new offset, committed."""
+        number = len(self.parts) + 1
+        part = {"n": number, "etag": etag, "size": size}
+        end = self.parts_bytes + size
         await _write(self.conn, self.caller, self.rid,
                      "update app.tus_uploads set parts = parts || %s, upload_offset = %s, tail_key = null,"
                      " tail_bytes = 0, expires_at = now() + make_interval(secs => %s)"
@@ -453,12 +663,11 @@ async def _finish(conn: psycopg.AsyncConnection[Any], caller: dict[str, Any], ri
         await _write(conn, caller, rid, "update app.tus_uploads set state = 'assembled', s3_upload_id = null"
                      " where id = %s and state = 'receiving'", [upload_id])
         row = {**row, "state": "assembled", "s3_upload_id": None}
-    sha256 = hasher.hexdigest() if hasher is not None else await run_in_threadpool(_digest_object, store, key)
-    stored = StoredObject(key, row["upload_length"], sha256)
     metadata = dict(row["metadata"])
     suite_id = str(row["suite_id"]) if row["suite_id"] else None
     try:
-        summary = await validate_stored(store, settings, stored)
+        summary, sha256 = await _validate_and_digest(store, settings, key, row["upload_length"], hasher)
+        stored = StoredObject(key, row["upload_length"], sha256)
         async with conn.transaction():
             await become_caller(conn, caller, rid)
             session = await insert_session(conn, session_id, stored, summary, metadata, suite_id)
@@ -602,7 +811,7 @@ async def upload_patch(request: Request, upload_id: str, caller: CallerDep, lock
         hasher = None
         if offset < length:
             receiver = _Receiver(conn, caller, rid, store, settings, row)
-            await receiver.receive(request, checksum)
+            await receiver.receive(request, checksum, declared)
             row = {**row, "upload_offset": receiver.offset, "parts": receiver.parts,
                    "tail_key": receiver.tail_key, "tail_bytes": receiver.tail_bytes}
             hasher = receiver.hasher

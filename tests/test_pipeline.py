@@ -265,6 +265,54 @@ def test_only_the_lease_holder_extends_completes_or_fails(person: User, team_sui
         assert next(iter(bad)) in assert_error_body(r)["message"]
 
 
+def test_complete_leases_the_next_jobs_in_the_same_request(person: User, team_suite: dict[str, Any],
+                                                            tp: Client) -> None:
+    """claim_next on complete: the worker loop's one request per job. Only the lease holder's
+    complete claims; the bounds are claim's; the leases are real ones."""
+    sid = team_suite["id"]
+    for _ in range(3):
+        upload_session(person, sid)
+    [lease] = tp._json("POST", "/pipeline/claim", json={"suite_id": sid})
+    path = f"/pipeline/jobs/{lease['id']}/complete"
+    r = tp._send("POST", path, json={"lease_token": str(uuid.uuid4()), "claim_next": {"suite_id": sid, "limit": 2}})
+    assert r.status_code == 409, r.text
+    assert len(suite_jobs(tp, sid, state="eq.queued")) == 2, "a complete that was refused claimed jobs"
+    for bad in ({"limit": 0}, {"limit": 101}, {"lease_s": 5}):
+        r = tp._send("POST", path, json={"lease_token": lease["lease_token"], "claim_next": bad})
+        assert r.status_code == 422, (bad, r.text)
+        assert next(iter(bad)) in assert_error_body(r)["message"]
+    done = tp._json("POST", path, json={"lease_token": lease["lease_token"],
+                                        "claim_next": {"suite_id": sid, "limit": 2, "lease_s": 30}})
+    assert done["id"] == lease["id"] and done["state"] == "done"
+    nxt = done["next"]
+    assert len(nxt) == 2 and lease["id"] not in {n["id"] for n in nxt}
+    assert all(n["attempt"] == 1 and n["lease_token"] and n["suite_id"] == sid for n in nxt)
+    assert {j["id"]: j["state"] for j in suite_jobs(tp, sid)} == {
+        lease["id"]: "done", nxt[0]["id"]: "leased", nxt[1]["id"]: "leased"}
+    # Without claim_next the answer is a plain complete's; with nothing due, next is empty.
+    plain = tp._json("POST", f"/pipeline/jobs/{nxt[0]['id']}/complete", json={"lease_token": nxt[0]["lease_token"]})
+    assert plain["state"] == "done" and "next" not in plain
+    last = tp._json("POST", f"/pipeline/jobs/{nxt[1]['id']}/complete",
+                    json={"lease_token": nxt[1]["lease_token"], "claim_next": {"suite_id": sid}})
+    assert last["state"] == "done" and last["next"] == []
+    assert {j["state"] for j in suite_jobs(tp, sid)} == {"done"}
+
+
+def test_a_loop_left_after_a_job_gives_back_the_job_its_complete_leased(
+        person: User, team_suite: dict[str, Any], tp: Client, base_url: str, pipeline_key: str) -> None:
+    sid = team_suite["id"]
+    for _ in range(2):
+        upload_session(person, sid)
+    with Client(base_url, api_key=pipeline_key) as client:
+        for job in jobs(client, suite_id=sid, wait_s=0, lease_s=30):
+            with job:
+                pass
+            assert job.next_jobs, "the complete did not lease the next job"
+            break
+    # The second job is not held until its lease runs out: the loop gave it back (retry).
+    assert sorted(j["state"] for j in suite_jobs(tp, sid)) == ["done", "failed"]
+
+
 def test_a_killed_worker_s_job_is_taken_over_after_its_lease(
         stack_env: dict[str, str], person: User, team_suite: dict[str, Any], pipeline_key: str,
         tp: Client, tmp_path: Path) -> None:

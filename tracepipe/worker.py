@@ -18,6 +18,11 @@ without `with` has it completed when the loop asks for the next job. A stopped l
 (`break`, Ctrl-C, an exception outside `with job:`) gives its unfinished job back through
 `fail` with retry, so another worker takes it at once instead of after the lease.
 
+A worker finishing the last job it holds leases its next one in the same request
+(`complete` with `claim_next`: one request per job, not two); only when that finds nothing
+does the loop long-poll `POST /pipeline/claim`. `limit` > 1 leases that many jobs per
+request (each still completed on its own), for short jobs.
+
 Connection errors and 5xx (an ext restart, say) never end the loop: it waits and claims
 again. Only 4xx answers (a person's token: 403) stop it, with the API's error.
 """
@@ -87,6 +92,11 @@ class Job:
         self.lease_token: str = lease["lease_token"]
         self.lease_s = lease_s
         self.example_ids: list[str] = []
+        # Set by the loop on the last job it holds: complete() then leases the next jobs in
+        # the same request ({limit, lease_s, suite_id}); they land in next_jobs.
+        self.claim_next: dict[str, Any] | None = None
+        self.loop_stop: threading.Event | None = None  # the loop's stop: once set, claim nothing more
+        self.next_jobs: list[Job] = []
         self.lease_lost = threading.Event()
         self.finished = False
         self._lock = threading.Lock()
@@ -127,11 +137,17 @@ class Job:
         """Marks the job done with the examples it registered (those of register_example by default)."""
         with self._lock:
             self._finish()
-            row = _post(self.client, f"/pipeline/jobs/{self.id}/complete",
-                        {"lease_token": self.lease_token,
-                         "example_ids": self.example_ids if example_ids is None else example_ids})
+            body: dict[str, Any] = {"lease_token": self.lease_token,
+                                    "example_ids": self.example_ids if example_ids is None else example_ids}
+            if self.claim_next is not None and not (self.loop_stop is not None and self.loop_stop.is_set()):
+                body["claim_next"] = self.claim_next
+            row = dict(_post(self.client, f"/pipeline/jobs/{self.id}/complete", body))
             self.finished = True
-        return dict(row)
+            for lease in row.pop("next", None) or []:
+                job = Job(self.client, lease, int(self.claim_next["lease_s"]) if self.claim_next else self.lease_s)
+                job.start_heartbeat()
+                self.next_jobs.append(job)
+        return row
 
     def complete_if_held(self) -> dict[str, Any] | None:
         """complete(), or None when the lease is gone (another worker took the job over)."""
@@ -192,9 +208,10 @@ class Job:
 
 
 def jobs(client: Client, *, lease_s: int = 60, wait_s: float = 20, limit: int = 1, suite_id: str | None = None,
-         idle_retry_s: float = 2.0, stop: threading.Event | None = None) -> Iterator[Job]:
-    """Claims jobs forever (or until `stop` is set), one at a time, each with its lease
-    extended in the background while the loop body runs."""
+         idle_retry_s: float = 2.0, stop: threading.Event | None = None, claim_next: bool = True) -> Iterator[Job]:
+    """Claims jobs forever (or until `stop` is set), `limit` per request, yielded one at a
+    time, each with its lease extended in the background while the loop body runs. With
+    `claim_next` the last held job's complete leases the next ones (one request per job)."""
     pending: list[Job] = []
     current: Job | None = None
     try:
@@ -213,13 +230,22 @@ def jobs(client: Client, *, lease_s: int = 60, wait_s: float = 20, limit: int = 
                     job.start_heartbeat()
                 continue
             current = pending.pop(0)
+            if claim_next and not pending:
+                body: dict[str, Any] = {"limit": limit, "lease_s": lease_s}
+                if suite_id is not None:
+                    body["suite_id"] = suite_id
+                current.claim_next, current.loop_stop = body, stop
             yield current
             if not current.finished:
                 current.complete_if_held()
+            pending += current.next_jobs
+            current.next_jobs = []
             current = None
     finally:
-        # The loop stopped inside a body (break, an exception, Ctrl-C): give the jobs back.
-        for job in ([current] if current is not None and not current.finished else []) + pending:
+        # The loop stopped inside a body (break, an exception, Ctrl-C): give the jobs back,
+        # those its complete leased included.
+        held = [current] if current is not None and not current.finished else []
+        for job in held + (current.next_jobs if current is not None else []) + pending:
             try:
                 job.fail("the worker stopped before finishing the job", retry=True)
             except TracepipeError as e:

@@ -201,6 +201,33 @@ $$;
 comment on function app.pipeline_complete(uuid, uuid, uuid[]) is 'Marks the job done (lease holder only), recording the example ids it reports.';
 grant execute on function app.pipeline_complete(uuid, uuid, uuid[]) to tp_pipeline, tp_admin;
 
+-- complete + claim in one call (POST /pipeline/jobs/{id}/complete with claim_next): a worker
+-- finishing a job leases its next one in the same transaction and round trip. The first row
+-- is the completed job; the leased ones follow. Nothing at all when the caller does not hold
+-- the lease (then nothing is claimed either: ext answers 409/404 as for a plain complete).
+create or replace function app.pipeline_complete_and_claim(p_job_id uuid, p_token uuid, p_example_ids uuid[],
+                                                           p_max_jobs integer, p_lease_s integer,
+                                                           p_max_attempts integer, p_suite_id uuid)
+    returns setof app.pipeline_jobs
+    language plpgsql volatile
+    set search_path = ''
+as $$
+declare
+    finished app.pipeline_jobs;
+begin
+    select * into finished from app.pipeline_complete(p_job_id, p_token, p_example_ids);
+    if not found then
+        return;
+    end if;
+    return next finished;
+    return query select * from app.pipeline_claim(p_max_jobs, p_lease_s, p_max_attempts, p_suite_id);
+end
+$$;
+comment on function app.pipeline_complete_and_claim(uuid, uuid, uuid[], integer, integer, integer, uuid) is
+    'pipeline_complete, then (if the caller held the lease) pipeline_claim in the same transaction: the completed row first, then the new leases.';
+grant execute on function app.pipeline_complete_and_claim(uuid, uuid, uuid[], integer, integer, integer, uuid)
+    to tp_pipeline, tp_admin;
+
 -- A failure with retry and attempts left waits backoff_base_s * 2^(attempt-1) (at most
 -- backoff_max_s) as `failed`, then is claimable again; otherwise the job is dead.
 create or replace function app.pipeline_fail(p_job_id uuid, p_token uuid, p_error text, p_retry boolean,

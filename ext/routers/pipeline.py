@@ -1,7 +1,7 @@
 """The pipeline's work queue (DESIGN §10): claim (long-poll), extend, complete, fail, requeue.
 Listing is PostgREST's (GET /pipeline/jobs is api.pipeline_jobs).
 
-Every statement runs as the caller (ext.db.as_caller), so grants and RLS decide who works
+Every statement runs as the caller (as ext.db.as_caller does), so grants and RLS decide who works
 the queue: the lease functions in db/schema/35_pipeline.sql are executable by tp_pipeline
 and tp_admin only, and a person's token gets 403.
 
@@ -10,6 +10,12 @@ direct connection of its own that LISTENs on `tp_pipeline_jobs` (NOTIFYed by a t
 when a job becomes claimable) and wakes every waiting claim; a claim that found nothing
 sleeps until a notification, the next known due time (a backoff that ends, a lease that
 runs out) or its own deadline, whichever comes first — there is no polling loop.
+
+Each call is one round trip to PostgreSQL: BEGIN, the caller's role and claims, the
+pre-request hook, the lease function and COMMIT go out together in psycopg's pipeline mode
+(`_as_caller_at_once`), where `ext.db.as_caller` waits for each statement (five round trips).
+A worker finishing a job may lease its next ones in the same request (`claim_next` on
+complete: one request and one transaction per job instead of two).
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 import psycopg
 from fastapi import APIRouter, Body, FastAPI, Request
@@ -29,9 +35,9 @@ from pydantic import BaseModel, Field
 
 from ext import observability
 from ext.config import ExtSettings
-from ext.db import as_caller
+from ext.db import CALLER_SQL, CHECK_REQUEST_SQL, caller_params
 from ext.deps import CallerDep, PoolDep, RequestIdDep, SettingsDep
-from ext.errors import ApiError
+from ext.errors import ApiError, unauthorized
 
 log = logging.getLogger("ext.pipeline")
 CHANNEL = "tp_pipeline_jobs"
@@ -111,6 +117,12 @@ class Claim(BaseModel):
     suite_id: uuid.UUID | None = Field(None, description="only jobs of this suite's sessions")
 
 
+class ClaimNext(BaseModel):
+    limit: int = Field(1, ge=1, description="most jobs to lease (at most TP_EXT_PIPELINE_CLAIM_MAX_JOBS)")
+    lease_s: int | None = Field(None, description="lease length in seconds (10..3600 by default)")
+    suite_id: uuid.UUID | None = Field(None, description="only jobs of this suite's sessions")
+
+
 class Extend(BaseModel):
     lease_token: uuid.UUID = Field(description="the token the claim answered with")
     lease_s: int
@@ -119,6 +131,9 @@ class Extend(BaseModel):
 class Complete(BaseModel):
     lease_token: uuid.UUID
     example_ids: list[uuid.UUID] | None = None
+    claim_next: ClaimNext | None = Field(
+        None, description="also lease the next due jobs in the same transaction (answered as `next`, the leases "
+                          "of POST /pipeline/claim); never waits: long-poll with POST /pipeline/claim")
 
 
 class Fail(BaseModel):
@@ -170,6 +185,24 @@ def _refuse_read_only(caller: dict[str, Any]) -> None:
         raise _forbidden()
 
 
+async def _as_caller_at_once(pool: PoolDep, caller: dict[str, Any], rid: str | None,
+                             statements: list[tuple[str, list[Any]]]) -> list[list[dict[str, Any]]]:
+    """The statements in one transaction as the caller (role, claims and pre-request hook as
+    in ext.db.as_caller), sent in one go in pipeline mode: one round trip, where as_caller
+    takes one per statement plus BEGIN and COMMIT. Each statement's rows."""
+    async with pool.connection() as conn:
+        try:
+            async with conn.pipeline(), conn.transaction():
+                await conn.execute(CALLER_SQL, caller_params(caller, rid))
+                await conn.execute(CHECK_REQUEST_SQL)
+                cursors = [await conn.execute(sql, params) for sql, params in statements]
+        except psycopg.errors.InsufficientPrivilege as e:
+            if "set role" in (e.diag.message_primary or ""):
+                raise unauthorized("the token's role is not one a token may carry") from None
+            raise _forbidden() from None
+        return [cast(list[dict[str, Any]], await cur.fetchall()) for cur in cursors]
+
+
 @router.post("/pipeline/claim", summary="Lease up to `limit` due jobs; with wait_s, long-poll until one comes")
 async def claim(request: Request, caller: CallerDep, pool: PoolDep, settings: SettingsDep, rid: RequestIdDep,
                 body: Annotated[Claim | None, Body()] = None) -> list[dict[str, Any]]:
@@ -184,19 +217,16 @@ async def claim(request: Request, caller: CallerDep, pool: PoolDep, settings: Se
     while True:
         seen = signal.generation
         due_in: float | None = None
-        try:
-            async with as_caller(pool, caller, rid) as conn:
-                cur = await conn.execute("select * from app.pipeline_claim(%s, %s, %s, %s)",
-                                         [body.limit, lease_s, settings.pipeline_max_attempts, body.suite_id])
-                rows = await cur.fetchall()
-                if not rows and body.wait_s > 0:
-                    cur = await conn.execute(
-                        "select extract(epoch from app.pipeline_next_due(%s) - now())::float8 as due_in",
-                        [body.suite_id])
-                    found = await cur.fetchone()
-                    due_in = found["due_in"] if found else None
-        except psycopg.errors.InsufficientPrivilege:
-            raise _forbidden() from None
+        statements: list[tuple[str, list[Any]]] = [
+            ("select * from app.pipeline_claim(%s, %s, %s, %s)",
+             [body.limit, lease_s, settings.pipeline_max_attempts, body.suite_id])]
+        if body.wait_s > 0:  # when to look again if nothing is due: asked in the same round trip
+            statements.append(("select extract(epoch from app.pipeline_next_due(%s) - now())::float8 as due_in",
+                               [body.suite_id]))
+        results = await _as_caller_at_once(pool, caller, rid, statements)
+        rows = results[0]
+        if not rows and body.wait_s > 0 and results[1]:
+            due_in = results[1][0]["due_in"]
         remaining = deadline - time.monotonic()
         if rows or remaining <= 0:
             observability.PIPELINE_CLAIMED.inc(len(rows))
@@ -209,18 +239,20 @@ async def claim(request: Request, caller: CallerDep, pool: PoolDep, settings: Se
 
 async def _lease_operation(pool: PoolDep, caller: dict[str, Any], rid: str | None, job: uuid.UUID,
                            sql: str, params: list[Any]) -> dict[str, Any]:
+    rows = await _lease_operation_rows(pool, caller, rid, job, sql, params)
+    return dict(rows[0])
+
+
+async def _lease_operation_rows(pool: PoolDep, caller: dict[str, Any], rid: str | None, job: uuid.UUID,
+                                sql: str, params: list[Any]) -> list[dict[str, Any]]:
+    """The lease function's rows (the job's first), or 404/409 when the caller does not hold the lease."""
     _refuse_read_only(caller)
-    try:
-        async with as_caller(pool, caller, rid) as conn:
-            cur = await conn.execute(sql, params)
-            row = await cur.fetchone()
-            if row is None:
-                cur = await conn.execute("select state, attempt from api.pipeline_jobs where id = %s", [job])
-                seen = await cur.fetchone()
-    except psycopg.errors.InsufficientPrivilege:
-        raise _forbidden() from None
-    if row is not None:
-        return dict(row)
+    # Why nothing matched is asked in the same round trip (the lookup is one index probe).
+    rows, seen_rows = await _as_caller_at_once(pool, caller, rid, [
+        (sql, params), ("select state, attempt from api.pipeline_jobs where id = %s", [job])])
+    if rows:
+        return rows
+    seen = seen_rows[0] if seen_rows else None
     if seen is None:
         raise ApiError(404, "PGRST116", "not found", "the job does not exist or you may not see it")
     raise ApiError(409, "TP409", "you do not hold this job's lease",
@@ -255,14 +287,29 @@ async def extend(job_id: str, body: Extend, caller: CallerDep, pool: PoolDep, se
 
 
 @router.post("/pipeline/jobs/{job_id}/complete", summary="Mark the job done (lease holder only)")
-async def complete(job_id: str, body: Complete, caller: CallerDep, pool: PoolDep,
+async def complete(job_id: str, body: Complete, caller: CallerDep, pool: PoolDep, settings: SettingsDep,
                    rid: RequestIdDep) -> dict[str, Any]:
     job = _job_uuid(job_id)
-    row = await _lease_operation(pool, caller, rid, job, "select * from app.pipeline_complete(%s, %s, %s)",
-                                 [job, body.lease_token, body.example_ids])
+    nxt = body.claim_next
+    if nxt is None:
+        rows = await _lease_operation_rows(pool, caller, rid, job, "select * from app.pipeline_complete(%s, %s, %s)",
+                                           [job, body.lease_token, body.example_ids])
+    else:
+        lease_s = nxt.lease_s if nxt.lease_s is not None else settings.pipeline_lease_default_s
+        _check_range("claim_next.limit", nxt.limit, 1, settings.pipeline_claim_max_jobs)
+        _check_range("claim_next.lease_s", lease_s, settings.pipeline_lease_min_s, settings.pipeline_lease_max_s)
+        rows = await _lease_operation_rows(
+            pool, caller, rid, job, "select * from app.pipeline_complete_and_claim(%s, %s, %s, %s, %s, %s, %s)",
+            [job, body.lease_token, body.example_ids, nxt.limit, lease_s, settings.pipeline_max_attempts,
+             nxt.suite_id])
+    row = rows[0]
     if row["finished_at"] is not None and row["leased_at"] is not None:
         observability.PIPELINE_CLAIM_TO_COMPLETE.observe((row["finished_at"] - row["leased_at"]).total_seconds())
-    return _job(row)
+    out = _job(row)
+    if nxt is not None:
+        observability.PIPELINE_CLAIMED.inc(len(rows) - 1)
+        out["next"] = [_lease(r) for r in rows[1:]]
+    return out
 
 
 @router.post("/pipeline/jobs/{job_id}/fail",
@@ -283,13 +330,8 @@ async def requeue(body: Requeue, caller: CallerDep, pool: PoolDep, rid: RequestI
         raise ApiError(422, "TP422", "invalid request: session_id or suite_id is required",
                        {"field": "session_id"}, "Name the session (session_id) or the suite (suite_id) to requeue.")
     _refuse_read_only(caller)
-    try:
-        async with as_caller(pool, caller, rid) as conn:
-            cur = await conn.execute("select id from app.pipeline_requeue(%s, %s, %s)",
-                                     [body.session_id, body.suite_id, body.reason])
-            rows = await cur.fetchall()
-    except psycopg.errors.InsufficientPrivilege:
-        raise _forbidden() from None
+    [rows] = await _as_caller_at_once(pool, caller, rid, [("select id from app.pipeline_requeue(%s, %s, %s)",
+                                                           [body.session_id, body.suite_id, body.reason])])
     if not rows and body.session_id is not None:
         raise ApiError(404, "PGRST116", "not found", "no such session (in that suite)")
     return {"requeued": len(rows), "job_ids": [str(r["id"]) for r in rows]}

@@ -222,7 +222,7 @@ INSERT_SCHEMA_RULES: dict[str, Doc] = {
     },
     "mcp_servers": {  # transport defaults only for http(s) URLs
         "if": {"properties": {"url": {"type": "string", "pattern": "^[Hh][Tt][Tt][Pp][Ss]?://"}}},
-        "else": {"required": ["transport"]},
+        "else": {"required": ["transport"], "properties": {"transport": {"type": "string"}}},
     },
 }
 

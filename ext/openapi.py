@@ -855,6 +855,22 @@ EXT_RESPONSES: dict[tuple[str, str], dict[str, str]] = {
 }
 
 
+# ext's answers without a body (tus: the state is in the headers): status -> headers.
+_TUS_HEADER = {"Tus-Resumable": {"description": "1.0.0", "schema": {"type": "string"}}}
+EXT_NO_BODY: dict[tuple[str, str], tuple[str, Doc]] = {
+    ("/uploads", "post"): ("201", {**_TUS_HEADER,
+                                   "Location": {"description": "/uploads/{id}: where the bytes go (PATCH)",
+                                                "schema": {"type": "string"}},
+                                   "Upload-Expires": {"description": "When an upload without a PATCH expires",
+                                                      "schema": {"type": "string"}}}),
+    ("/uploads/{upload_id}", "head"): ("200", {**_TUS_HEADER,
+                                               "Upload-Offset": {"description": "Bytes received so far",
+                                                                 "schema": {"type": "integer", "minimum": 0}},
+                                               "Upload-Length": {"description": "The bundle's size",
+                                                                 "schema": {"type": "integer", "minimum": 1}}}),
+}
+
+
 def _ext_parameter(p: Doc) -> None:
     """An ext parameter's schema as its handler checks it: ids are uuids (ext answers 400 or
     404 for others), and the headers ext reads by hand (EXT_PARAMETER_SCHEMAS)."""
@@ -897,6 +913,11 @@ def _ext_paths(ext_doc: Doc, row_schemas: Doc, headers: Mapping[tuple[str, str],
             responses = op.setdefault("responses", {})
             for status, description in EXT_RESPONSES.get((path, method), {}).items():
                 responses.setdefault(status, _error(description))
+            if (path, method) in EXT_NO_BODY:
+                status, headers_of = EXT_NO_BODY[path, method]
+                answer = responses.setdefault(status, {"description": "Done"})
+                answer.pop("content", None)
+                answer["headers"] = headers_of
             if "422" in responses:  # ext answers validation errors in the one error body
                 responses["422"] = {**ERROR_RESPONSE, "description": "Invalid request"}
             responses.setdefault("default", ERROR_RESPONSE)

@@ -193,9 +193,47 @@ SERVER_ASSIGNED = frozenset({"id", "created_by", "created_at", "updated_at"})
 # ...and these are derived when a POST leaves them out.
 DERIVED = {
     "suites": {"slug": "Derived from `name` when left out."},
-    "mcp_servers": {"transport": "`streamable-http` when left out."},
+    "mcp_servers": {"transport": "`streamable-http` when left out and `url` is http(s); required otherwise."},
     "action_tool_maps": {"mcp_server_id": "The tool's server when left out."},
 }
+# What the tables' triggers check on writes (db/schema/2*.sql), which the catalog's CHECK
+# constraints do not show: keywords per column of the insert and update schemas...
+NON_BLANK = "^[^\\x00]*[^\\x00 ][^\\x00]*$"  # app.require_text: not empty, not only spaces
+ROLES = ["viewer", "editor", "owner"]
+WRITE_RULES: dict[str, dict[str, Doc]] = {
+    "suites": {"name": {"pattern": NON_BLANK}},
+    "actions": {"name": {"pattern": NON_BLANK}},
+    "mcp_servers": {"name": {"pattern": NON_BLANK}, "url": {"pattern": NON_BLANK}},
+    "tools": {"name": {"pattern": NON_BLANK}},
+    "suite_members": {"role": {"enum": ROLES}, "email": {"pattern": NON_BLANK}},
+}
+# ...on the insert schema's columns only...
+INSERT_RULES: dict[str, dict[str, Doc]] = {
+    "suite_members": {"accepted": {"enum": [False], "description": "Only the invitee accepts (PATCH); leave it "
+                                                                   "out or false."}},
+}
+# ...and across columns of the insert schema (if/then/else: generators that do not know them
+# ignore them, and the tools that validate or fuzz apply them).
+INSERT_SCHEMA_RULES: dict[str, Doc] = {
+    "suite_members": {  # invite by user_id or by email, not both
+        "if": {"required": ["user_id"], "properties": {"user_id": {"type": "string"}}},
+        "then": {"properties": {"email": {"type": "null"}}},
+        "else": {"required": ["email"], "properties": {"email": {"type": "string"}}},
+    },
+    "mcp_servers": {  # transport defaults only for http(s) URLs
+        "if": {"properties": {"url": {"type": "string", "pattern": "^[Hh][Tt][Tt][Pp][Ss]?://"}}},
+        "else": {"required": ["transport"], "properties": {"transport": {"type": "string"}}},
+    },
+}
+
+
+def _apply(schema: Doc, keywords: Doc) -> None:
+    """Keywords on a column schema; an enum replaces the generic text pattern."""
+    if "enum" in keywords:
+        schema.pop("pattern", None)
+        nullable = isinstance(schema.get("type"), list)
+        schema["enum"] = [*keywords["enum"], *([None] if nullable else [])]
+    schema.update({k: v for k, v in keywords.items() if k != "enum"})
 
 _LENGTH = re.compile(r"length\((\w+)\) (>=|<=) (\d+)")
 _REGEX = re.compile(r"\(?(\w+) ~ '((?:[^']|'')*)'::text")
@@ -273,15 +311,26 @@ def _description(prop: Doc) -> str:
     return text
 
 
-# JSON columns. PostgreSQL's jsonb cannot hold U+0000 in a string or key; a recursive schema
-# would say so at every depth, but openapi-python-client drops models with recursive unions,
-# so the top two levels say it and the description the rest.
+# JSON columns. PostgreSQL's jsonb cannot hold U+0000 in a string or key, at any depth. A
+# recursive schema says so, but openapi-python-client drops models that reach a recursive
+# union: the columns' own keywords say it for the top two levels (what generators read), and
+# an `if`/`then` (which generators skip and validators and fuzzers apply) refers to the
+# recursive JSON_TEXT, kept outside components.schemas (under JSON_TEXT_HOME) so that no
+# generator makes a model of it.
+JSON_TEXT_HOME = "x-json"
+JSON_TEXT_REF = f"#/components/{JSON_TEXT_HOME}/value"
+JSON_TEXT: Doc = {"description": "Any JSON value with no U+0000 in its strings or keys, at any depth.",
+                  "anyOf": [{"type": "string", "pattern": NO_NUL}, {"type": ["number", "boolean", "null"]},
+                            {"type": "array", "items": {"$ref": JSON_TEXT_REF}},
+                            {"type": "object", "propertyNames": {"pattern": NO_NUL},
+                             "additionalProperties": {"$ref": JSON_TEXT_REF}}]}
 _JSON_MEMBER: Doc = {"anyOf": [{"type": "string", "pattern": NO_NUL}, {"type": ["number", "boolean", "null"]},
                                {"type": "array", "items": {}},
                                {"type": "object", "propertyNames": {"pattern": NO_NUL}}]}
+_JSON_DEEP: Doc = {"if": {}, "then": {"$ref": JSON_TEXT_REF}}
 JSON_OBJECT: Doc = {"type": "object", "propertyNames": {"pattern": NO_NUL}, "additionalProperties": _JSON_MEMBER,
-                    "description": "A JSON object (no U+0000 in its strings or keys)."}
-JSON_ANY: Doc = {"description": "Any JSON value (no U+0000 in its strings or keys)."}
+                    **_JSON_DEEP, "description": "A JSON object (no U+0000 in its strings or keys)."}
+JSON_ANY: Doc = {**_JSON_DEEP, "description": "Any JSON value (no U+0000 in its strings or keys)."}
 
 
 def _column_schema(prop: Doc, column: str, info: Column | None, *, nullable: bool) -> Doc:
@@ -393,8 +442,13 @@ _PREFER_NOTES = {
 }
 
 
-def _prefer(method: str) -> Doc:
-    tokens = "|".join(_PREFER_TOKENS[method])
+# Views written through INSTEAD OF triggers (api.suite_members): PostgreSQL has no ON CONFLICT
+# for them, so they take no upsert (`resolution=…`); DESIGN §9 names no natural key for them.
+NO_UPSERT = frozenset({"suite_members"})
+
+
+def _prefer(method: str, table: str = "") -> Doc:
+    tokens = "|".join(t for t in _PREFER_TOKENS[method] if not (table in NO_UPSERT and t.startswith("resolution=")))
     schema: Doc = {"type": "string", "pattern": f"^({tokens})(, ?({tokens})){{0,4}}$",
                    "examples": _PREFER_EXAMPLES[method]}
     if method == "get":
@@ -461,6 +515,13 @@ def _table(name: str, definition: Doc, catalog: Catalog | None) -> tuple[Table, 
                 insert_required.append(column)
         if info is None or info.updatable:
             update_props[column] = writable
+    for column, keywords in WRITE_RULES.get(name, {}).items():
+        for props in (insert_props, update_props):
+            if column in props:
+                _apply(props[column], keywords)
+    for column, keywords in INSERT_RULES.get(name, {}).items():
+        if column in insert_props:
+            _apply(insert_props[column], keywords)
     row: Doc = {"type": "object", "required": list(row_props), "properties": row_props}
     if definition.get("description"):
         row["description"] = definition["description"]
@@ -468,6 +529,7 @@ def _table(name: str, definition: Doc, catalog: Catalog | None) -> tuple[Table, 
                    "properties": insert_props, "additionalProperties": False}
     if insert_required:
         insert["required"] = insert_required
+    insert.update(copy.deepcopy(INSERT_SCHEMA_RULES.get(name, {})))
     update: Doc = {"type": "object", "description": f"A change to rows of {name}: what PATCH takes (any subset).",
                    "properties": update_props, "additionalProperties": False}
     filters = [_filter_parameter(name, c, s) for c, s in row_props.items()]
@@ -515,14 +577,16 @@ def _collection(table: Table, methods: Iterable[str], tags: list[str], fixed: di
                          **responses,
                          "416": _error("offset beyond the last row (with `Prefer: count=…`)")}
         elif method == "post":
-            op["parameters"] = [*path_params, _prefer("post")]
+            op["parameters"] = [*path_params, _prefer("post", table.name)]
             if insert_schema:
                 op["requestBody"] = _body(insert_schema)
             responses = {"201": {**_rows(table.name, "Created: the new rows (empty with `Prefer: return=minimal`)"),
                                  "headers": {"Location": {"description": "With `return=headers-only`",
                                                           "schema": {"type": "string"}}}},
                          **responses, "403": _error("You may not create this row"),
-                         "409": _error("Conflicts with an existing row or a missing parent (unique, foreign key)")}
+                         "409": _error("Conflicts with an existing row or a missing parent (unique, foreign key)"),
+                         "422": _error("A field is missing or out of range, or names no row (the body names the "
+                                       "field)")}
         else:
             op["parameters"] = [*path_params, *filters, _prefer(method)]
             if method == "patch":
@@ -532,6 +596,7 @@ def _collection(table: Table, methods: Iterable[str], tags: list[str], fixed: di
                          "403": _error("You may not change these rows")}
             if method == "patch":
                 responses["409"] = _error("Conflicts with an existing row (unique)")
+                responses["422"] = _error("A field is out of range (the body names it)")
         if fixed:
             filt = "&".join(f"{c}=eq.{{{p}}}" for p, c in fixed.items())
             op["description"] = f"The native `/{table.name}?{filt}`; a body that names another parent is refused."
@@ -729,10 +794,98 @@ def postgrest_paths(swagger: Doc, catalog: Catalog | None) -> tuple[Doc, Doc, di
 EXT_PARAMETER_SCHEMAS: dict[str, Doc] = {
     "idempotency-key": {"type": "string", "pattern": "^[!-~]([ -~]{0,253}[!-~])?$",
                         "description": "1 to 255 printable characters; the same key repeats the first answer"},
+    "cursor": {"type": "string", "pattern": "^[A-Za-z0-9_-]+$",
+               "description": "X-Next-Cursor of the previous page, unchanged (opaque base64url)"},
 }
 
 
-def _ext_paths(ext_doc: Doc, row_schemas: Doc) -> Doc:
+UUID_SCHEMA: Doc = {"type": "string", "format": "uuid"}
+# tus 1.0.0 (ext/tus.py reads these headers itself): every request but OPTIONS names the version.
+TUS_RESUMABLE: Doc = {"name": "Tus-Resumable", "in": "header", "required": True,
+                      "description": "The tus version: 1.0.0.", "schema": {"type": "string", "enum": ["1.0.0"]}}
+
+
+def _ascii_base64() -> str:
+    """A pattern of the base64 of a non-empty text of bytes 0x20-0x7f (what Upload-Metadata's
+    values are, as far as a pattern can say it; the server takes any UTF-8 text but U+0000)."""
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+
+    def chars(values: Iterable[int]) -> str:
+        return "[" + "".join("\\" + alphabet[v] if alphabet[v] in "+/" else alphabet[v] for v in values) + "]"
+
+    # 3 bytes b1 b2 b3 are 4 sextets: b1>>2 | (b1&3)<<4 + b2>>4 | (b2&15)<<2 + b3>>6 | b3&63;
+    # each byte >= 0x20 and < 0x80 (b3 >= 0x20: when b3>>6 is 0, b3&63 is 32 or more)
+    first = chars(range(8, 32))
+    second = chars(v for v in range(64) if 2 <= (v & 15) <= 7)
+    third_even, third_odd = chars(v for v in range(64) if v & 3 == 0), chars(v for v in range(64) if v & 3 == 1)
+    group = f"{first}{second}({third_even}{chars(range(32, 64))}|{third_odd}{chars(range(64))})"
+    two = f"{first}{second}{third_even}="  # 2 bytes
+    one = f"{first}{chars([0, 16, 32, 48])}=="  # 1 byte
+    return f"({group})*({group}|{two}|{one})"
+
+
+def tus_parameters(max_bundle_bytes: int, max_metadata_bytes: int) -> dict[tuple[str, str], list[Doc]]:
+    """The headers of each tus operation (POST /uploads: the creation extension)."""
+    value = _ascii_base64()
+    creation = [
+        TUS_RESUMABLE,
+        {"name": "Upload-Length", "in": "header", "required": True, "description": "The bundle's size in bytes.",
+         "schema": {"type": "integer", "minimum": 1, "maximum": max_bundle_bytes}},
+        {"name": "Upload-Metadata", "in": "header", "required": True,
+         "description": "Comma-separated `key base64(value)` pairs: `filename` (required) and `suite_id` (a uuid, "
+                        "optional); the values are UTF-8 text without U+0000 (printable ASCII in the pattern).",
+         "schema": {"type": "string", "maxLength": max_metadata_bytes, "pattern": f"^filename {value}$",
+                    "examples": ["filename c2Vzc2lvbi56aXA="]}},
+    ]
+    return {("/uploads", "post"): creation, ("/uploads/{upload_id}", "head"): [TUS_RESUMABLE],
+            ("/uploads/{upload_id}", "delete"): [TUS_RESUMABLE], ("/uploads/{upload_id}", "patch"): [TUS_RESUMABLE]}
+
+
+# Refusals ext's handlers answer beyond FastAPI's 422, by operation (status -> what it means).
+EXT_RESPONSES: dict[tuple[str, str], dict[str, str]] = {
+    ("/sessions", "post"): {"400": "The body is not a zip bundle (§5), or the bundle field is empty",
+                            "413": "Over the bundle size limit"},
+    ("/examples", "post"): {"400": "A malformed multipart body", "413": "Over a size limit"},
+    ("/examples/export", "get"): {"400": "cursor is not an X-Next-Cursor value"},
+    ("/auth/verify-email", "post"): {"400": "The code is unknown, used or expired (details: token)"},
+    ("/uploads", "post"): {"400": "Upload-Length or Upload-Metadata malformed", "412": "Tus-Resumable is not 1.0.0",
+                           "413": "Upload-Length over the bundle size limit"},
+    ("/uploads/{upload_id}", "head"): {"404": "No such upload, or not yours", "412": "Tus-Resumable is not 1.0.0"},
+    ("/uploads/{upload_id}", "delete"): {"404": "No such upload, or not yours", "412": "Tus-Resumable is not 1.0.0"},
+}
+
+
+# ext's answers without a body (tus: the state is in the headers): status -> headers.
+_TUS_HEADER = {"Tus-Resumable": {"description": "1.0.0", "schema": {"type": "string"}}}
+EXT_NO_BODY: dict[tuple[str, str], tuple[str, Doc]] = {
+    ("/uploads", "post"): ("201", {**_TUS_HEADER,
+                                   "Location": {"description": "/uploads/{id}: where the bytes go (PATCH)",
+                                                "schema": {"type": "string"}},
+                                   "Upload-Expires": {"description": "When an upload without a PATCH expires",
+                                                      "schema": {"type": "string"}}}),
+    ("/uploads/{upload_id}", "head"): ("200", {**_TUS_HEADER,
+                                               "Upload-Offset": {"description": "Bytes received so far",
+                                                                 "schema": {"type": "integer", "minimum": 0}},
+                                               "Upload-Length": {"description": "The bundle's size",
+                                                                 "schema": {"type": "integer", "minimum": 1}}}),
+}
+
+
+def _ext_parameter(p: Doc) -> None:
+    """An ext parameter's schema as its handler checks it: ids are uuids (ext answers 400 or
+    404 for others), and the headers ext reads by hand (EXT_PARAMETER_SCHEMAS)."""
+    name = p.get("name", "").lower()
+    if name in EXT_PARAMETER_SCHEMAS:
+        p["schema"] = {**p.get("schema", {}), **EXT_PARAMETER_SCHEMAS[name]}
+        p["schema"].pop("anyOf", None)
+    elif name.endswith("_id") and p.get("in") in ("path", "query"):
+        schema = p.get("schema", {})
+        kinds = [schema.get("type")] + [s.get("type") for s in schema.get("anyOf", [])]
+        if "string" in kinds:
+            p["schema"] = {**{k: v for k, v in schema.items() if k in ("title", "description")}, **UUID_SCHEMA}
+
+
+def _ext_paths(ext_doc: Doc, row_schemas: Doc, headers: Mapping[tuple[str, str], list[Doc]]) -> Doc:
     """ext's operations with their security, their row schemas and the one error body."""
     paths: Doc = copy.deepcopy(ext_doc.get("paths", {}))
     for path, item in paths.items():
@@ -742,9 +895,9 @@ def _ext_paths(ext_doc: Doc, row_schemas: Doc) -> Doc:
             # Authorization is the security scheme's business (OpenAPI ignores it as a parameter).
             params = [p for p in op.get("parameters", []) if p.get("name", "").lower() != "authorization"]
             for p in params:
-                if p.get("name", "").lower() in EXT_PARAMETER_SCHEMAS:
-                    p["schema"] = {**p.get("schema", {}), **EXT_PARAMETER_SCHEMAS[p["name"].lower()]}
-                    p["schema"].pop("anyOf", None)
+                _ext_parameter(p)
+            named = {p["name"].lower() for p in params}
+            params += [copy.deepcopy(h) for h in headers.get((path, method), []) if h["name"].lower() not in named]
             if params:
                 op["parameters"] = params
             else:
@@ -758,6 +911,13 @@ def _ext_paths(ext_doc: Doc, row_schemas: Doc) -> Doc:
                 op["security"] = [{API_KEY: []}]
             op["tags"] = [EXT_TAGS.get(t, t) for t in op.get("tags", [])]
             responses = op.setdefault("responses", {})
+            for status, description in EXT_RESPONSES.get((path, method), {}).items():
+                responses.setdefault(status, _error(description))
+            if (path, method) in EXT_NO_BODY:
+                status, headers_of = EXT_NO_BODY[path, method]
+                answer = responses.setdefault(status, {"description": "Done"})
+                answer.pop("content", None)
+                answer["headers"] = headers_of
             if "422" in responses:  # ext answers validation errors in the one error body
                 responses["422"] = {**ERROR_RESPONSE, "description": "Invalid request"}
             responses.setdefault("default", ERROR_RESPONSE)
@@ -770,7 +930,9 @@ def _ext_bodies(paths: Doc, schemas: Doc, constraints: Mapping[str, Mapping[str,
     and a U+0000 anywhere in a JSON body)."""
     for name, props in constraints.items():
         for prop, keywords in props.items():
-            if prop in schemas.get(name, {}).get("properties", {}):
+            if prop == "" and name in schemas:
+                schemas[name].update(copy.deepcopy(keywords))
+            elif prop in schemas.get(name, {}).get("properties", {}):
                 schemas[name]["properties"][prop].update(keywords)
     for item in paths.values():
         for op in item.values():
@@ -811,12 +973,14 @@ def _operation_ids(paths: Doc) -> None:
 
 
 def merge(ext_doc: Doc, postgrest_swagger: Doc | None, catalog: Catalog | None = None, *,
-          note: str | None = None, ext_constraints: Mapping[str, Mapping[str, Doc]] | None = None) -> Doc:
+          note: str | None = None, ext_constraints: Mapping[str, Mapping[str, Doc]] | None = None,
+          ext_headers: Mapping[tuple[str, str], list[Doc]] | None = None) -> Doc:
     """ext's document plus PostgREST's (native and seed paths). Where the proxy sends one
     method of a path to ext (POST /sessions) and the others to PostgREST, ext's operation
     replaces PostgREST's. `None` for PostgREST (unreachable) gives ext's part alone, with `note`;
     `None` for the catalog (unreadable) leaves nullability and `required` of writes unknown;
-    `ext_constraints` adds keywords to ext's request schemas (_ext_bodies)."""
+    `ext_constraints` adds keywords to ext's request schemas (_ext_bodies; "" for the schema itself),
+    `ext_headers` the headers ext's handlers read by hand (tus_parameters)."""
     pg_paths, pg_schemas, described = postgrest_paths(postgrest_swagger, catalog) if postgrest_swagger \
         else ({}, {}, {})
     schemas: Doc = {"Error": ERROR_SCHEMA, "Signup": SIGNUP_SCHEMA}
@@ -827,7 +991,7 @@ def merge(ext_doc: Doc, postgrest_swagger: Doc | None, catalog: Catalog | None =
         schemas[name] = schema
 
     paths: Doc = dict(pg_paths)
-    for path, item in _ext_paths(ext_doc, pg_schemas).items():
+    for path, item in _ext_paths(ext_doc, pg_schemas, ext_headers or {}).items():
         paths[path] = {**paths.get(path, {}), **item}
     for (path, method, status), name in RESPONSE_SCHEMAS.items():
         response = paths.get(path, {}).get(method, {}).get("responses", {}).get(status)
@@ -856,7 +1020,7 @@ def merge(ext_doc: Doc, postgrest_swagger: Doc | None, catalog: Catalog | None =
         "security": [{BEARER: []}],
         "tags": tags,
         "paths": dict(sorted(paths.items())),
-        "components": {"schemas": schemas, "securitySchemes": SECURITY_SCHEMES},
+        "components": {"schemas": schemas, "securitySchemes": SECURITY_SCHEMES, JSON_TEXT_HOME: {"value": JSON_TEXT}},
     }
     _unreferenced(schemas, doc, ("HTTPValidationError", "ValidationError", "Signup"))
     return doc

@@ -160,6 +160,8 @@ def parse_metadata(header: str, max_bytes: int) -> dict[str, str]:
         except (binascii.Error, UnicodeDecodeError):
             raise tus_error(400, f"Upload-Metadata: the value of {key} is not base64 of UTF-8 text",
                             {"key": key}) from None
+        if "\x00" in out[key]:  # jsonb cannot hold it: the database's raw 22P05 otherwise
+            raise tus_error(400, f"Upload-Metadata: the value of {key} holds U+0000", {"key": key})
     return out
 
 

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime
 from typing import Any, Literal
 from uuid import UUID
 
 from fastapi import APIRouter
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, FutureDatetime
 
 from ext.db import as_caller
 from ext.deps import CallerDep, PoolDep, RequestIdDep
@@ -20,7 +19,7 @@ class NewKey(BaseModel):
     name: str = Field(min_length=1, max_length=200)
     suites: list[UUID] | None = None
     access: Literal["read", "write"] = "write"
-    expires_at: datetime | None = None
+    expires_at: FutureDatetime | None = None  # a past one is 422 naming it (was the database's 400)
 
 
 @router.post("/api-keys", status_code=201, summary="Create an API key; the secret is shown once")

@@ -96,7 +96,26 @@ def _ext_constraints(settings: SettingsDep) -> dict[str, dict[str, dict[str, Any
     # ASCII but the space and @, around one @; the server also takes other letters)
     part = f"[!-?A-~]{{1,{emails.MAX_PART_LENGTH}}}"
     email = f"^{part}@{part}$"
-    return {"SignupBody": {"email": {"pattern": email}, "password": password}}
+    lease = {"minimum": settings.pipeline_lease_min_s, "maximum": settings.pipeline_lease_max_s}
+    return {
+        "SignupBody": {"email": {"pattern": email}, "password": password},
+        "LoginBody": {"email": {"pattern": email}},  # what is not an address is refused before the password
+        # auth.py's codes: tpv_ and 32 random bytes in base64url
+        "VerifyEmailBody": {"token": {"pattern": "^tpv_[A-Za-z0-9_-]{43}$"}},
+        "NewKey": {"expires_at": {"description": "Later than now (422 naming expires_at otherwise); "
+                                                 "RFC 3339 with a time zone. Never expires when left out."}},
+        # pipeline.py checks the ranges against these settings
+        "Claim": {"limit": {"maximum": settings.pipeline_claim_max_jobs}, "lease_s": lease,
+                  "wait_s": {"maximum": settings.pipeline_wait_max_s}},
+        "Extend": {"lease_s": lease},
+        "Requeue": {"": {"if": {"required": ["session_id"], "properties": {"session_id": {"type": "string"}}},
+                         "else": {"required": ["suite_id"], "properties": {"suite_id": {"type": "string"}}},
+                         "description": "session_id, suite_id or both (the session within that suite)."}},
+    }
+
+
+def _ext_headers(settings: SettingsDep) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    return openapi.tus_parameters(settings.max_bundle_bytes, settings.max_metadata_bytes)
 
 
 async def merged_document(request: Request, settings: SettingsDep, pool: AsyncConnectionPool) -> bytes:
@@ -116,7 +135,8 @@ async def merged_document(request: Request, settings: SettingsDep, pool: AsyncCo
                                                 "Reload in a moment.")
         return json.dumps(doc).encode()
     catalog = await _fetch_catalog(pool, settings.ready_timeout_s)
-    body = json.dumps(openapi.merge(ext_doc, swagger, catalog, ext_constraints=_ext_constraints(settings))).encode()
+    body = json.dumps(openapi.merge(ext_doc, swagger, catalog, ext_constraints=_ext_constraints(settings),
+                                    ext_headers=_ext_headers(settings))).encode()
     state.openapi_cache = _Cached(body, now, catalog is not None)
     return body
 

@@ -27,14 +27,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -188,13 +187,26 @@ class FaultPlan:
         started = time.monotonic()
         slot = max(0.0, self.seconds - self.lead - self.gap) / max(1, len(self.components))
         next_at = started + self.lead
-        for i, component in enumerate(self.components):
-            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
-            fault = await asyncio.to_thread(inject, self.stack, component, self.down_s)
-            self.faults.append(fault)
-            assert fault.recovered_at is not None
-            next_at = max(fault.recovered_at + self.gap, started + self.lead + (i + 1) * slot)
-        deadline.at = max(deadline.at, time.monotonic() + self.gap)
+        planned_end = deadline.at
+        done = asyncio.Event()
+
+        async def keep_going() -> None:  # the users go on until the last recovery (they re-read `at`)
+            while not done.is_set():
+                deadline.at = max(deadline.at, time.monotonic() + 1.0)
+                await asyncio.sleep(0.25)
+
+        ticker = asyncio.create_task(keep_going())
+        try:
+            for i, component in enumerate(self.components):
+                await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+                fault = await asyncio.to_thread(inject, self.stack, component, self.down_s)
+                self.faults.append(fault)
+                assert fault.recovered_at is not None
+                next_at = max(fault.recovered_at + self.gap, started + self.lead + (i + 1) * slot)
+        finally:
+            done.set()
+            await ticker
+            deadline.at = max(planned_end, time.monotonic() + self.gap)
 
 
 # --- after the load ---------------------------------------------------------------------------------
@@ -224,16 +236,6 @@ def keys(stack: Stack, prefix: str) -> list[str]:
     return out
 
 
-def _cli(stack: Stack, *args: str) -> dict[str, Any]:
-    """`tracepipe <args>` against the stack; its JSON report."""
-    tracepipe = Path(sys.executable).parent / "tracepipe"
-    done = subprocess.run([str(tracepipe), *args], env=stack.cli_env(), capture_output=True, text=True, timeout=600)
-    if done.returncode not in (0, 1) or not done.stdout.strip():
-        raise RuntimeError(f"tracepipe {' '.join(args)} failed: {done.stderr[-2000:]}")
-    report: dict[str, Any] = json.loads(done.stdout)
-    return report
-
-
 def unacknowledged_tus_uploads(stack: Stack, acknowledged: set[str]) -> list[dict[str, Any]]:
     """The load's tus uploads still receiving that no client holds: their creation committed
     but its answer was lost in a fault (the client never learned the id). They are live until
@@ -246,26 +248,43 @@ def unacknowledged_tus_uploads(stack: Stack, acknowledged: set[str]) -> list[dic
             if r[1] not in acknowledged]
 
 
-def expire_now(stack: Stack, upload_ids: list[str]) -> int:
-    """Moves those uploads' expiry to now and runs ext's own expiry (maintenance.expire_tus_uploads,
-    what ext's maintenance loop does every cleanup round), as if their hours had passed."""
-    if not upload_ids:
-        return 0
-    with psycopg.connect(stack.superuser_conninfo(), autocommit=True) as conn:
-        conn.execute("update app.tus_uploads set expires_at = now() - interval '1 second' where id = any(%s::uuid[])",
-                     [upload_ids])
+def expire_now(stack: Stack, upload_ids: list[str]) -> None:
+    """Moves those uploads' expiry to now, as if their hours had passed: ext's own expiry
+    (maintenance.expire_tus_uploads, in `maintain`) then aborts their parts."""
+    if upload_ids:
+        with psycopg.connect(stack.superuser_conninfo(), autocommit=True) as conn:
+            conn.execute("update app.tus_uploads set expires_at = now() - interval '1 second'"
+                         " where id = any(%s::uuid[])", [upload_ids])
 
-    async def run() -> int:
-        from ext import maintenance
-        from ext.config import ExtSettings
-        from ext.db import make_pool
-        from ext.storage import ObjectStore, make_client
 
-        secrets = credentials.load_or_create(stack.state)
-        values = {k.removeprefix("TP_EXT_").lower(): v for k, v in stack.ext_env(secrets).items()}
-        settings = ExtSettings(**values)
-        async with make_pool(settings) as pool:
-            return await maintenance.expire_tus_uploads(pool, ObjectStore(make_client(settings), settings))
+@contextlib.asynccontextmanager
+async def _ext(stack: Stack) -> AsyncIterator[tuple[Any, Any, Any]]:
+    """ext's settings, database pool and object store for this stack, as ext runs them
+    (tracepipe.cli._ext_services does the same for the stack of the environment)."""
+    from ext.config import ExtSettings
+    from ext.db import make_pool
+    from ext.storage import ObjectStore, make_client
+
+    secrets = credentials.load_or_create(stack.state)
+    settings = ExtSettings(**{k.removeprefix("TP_EXT_").lower(): v for k, v in stack.ext_env(secrets).items()})
+    async with make_pool(settings) as pool:
+        yield settings, pool, ObjectStore(make_client(settings), settings)
+
+
+def maintain(stack: Stack) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """ext's maintenance, once (what `tracepipe scrub` and `tracepipe sweep --grace-seconds 0`
+    run, in this process): the scrub without digests (what the faults left), the expiry of
+    tus uploads, the sweep, the full scrub."""
+    from ext import maintenance
+    from ext.scrub import scrub
+
+    async def run() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+        async with _ext(stack) as (settings, pool, store):
+            before = (await scrub(pool, store, verify_digests=False)).as_dict()
+            await maintenance.expire_tus_uploads(pool, store)
+            swept = await maintenance.sweep(pool, store, settings, timedelta(0))
+            swept["cleanups_pending"] = store.pending_cleanups
+            return before, swept, (await scrub(pool, store)).as_dict()
 
     return asyncio.run(run())
 
@@ -282,7 +301,13 @@ SCRUB_LISTS = ("rows_without_object", "size_mismatch", "digest_mismatch", "objec
 
 
 def baseline(stack: Stack) -> Baseline:
-    scrub = _cli(stack, "scrub", "--no-digests")
+    from ext.scrub import scrub as run_scrub
+
+    async def listed() -> dict[str, Any]:
+        async with _ext(stack) as (_, pool, store):
+            return (await run_scrub(pool, store, verify_digests=False)).as_dict()
+
+    scrub = asyncio.run(listed())
     return Baseline(frozenset(u["UploadId"] for u in open_uploads(stack)),
                     {k: frozenset(scrub[k]) for k in SCRUB_LISTS})
 
@@ -300,6 +325,7 @@ class FaultReport:
     open_uploads: list[dict[str, Any]]
     tus_unacknowledged: int  # live tus uploads whose creation answer was lost, expired by ext's expiry
     tus_tails: list[str]  # objects under uploads/ once every upload is done or expired
+    logs: Path | None = None  # a copy of the stack's logs, kept when the run failed
 
     @property
     def orphans(self) -> int:
@@ -329,15 +355,14 @@ class FaultReport:
         }
 
 
-def settle(stack: Stack, seconds: float = 12.0) -> None:
-    """Time for ext's own retries (failed deletes and aborts queued in a worker, the deletion
-    outbox) to run: cleanup_retry_s is 5 s."""
-    time.sleep(seconds)
+SETTLE_S = 7.0  # after the load, ext's own retry round (cleanup_retry_s, 5 s) runs before the checks
 
 
-def check(stack: Stack, result: Result, plan: FaultPlan, grace: float, before: Baseline | None = None) -> FaultReport:
-    """After the load: place every failure in a window, then the sweep, the scrub and the
-    bucket's open multipart uploads (minus what `before` already showed)."""
+def check(stack: Stack, result: Result, plan: FaultPlan, grace: float, before: Baseline | None = None,
+          settle_s: float = SETTLE_S) -> FaultReport:
+    """After the load: place every failure in a window; after `settle_s` (ext's own retries
+    of failed deletes and aborts, and its deletion outbox, get their round) the sweep, the
+    scrub and the bucket's open multipart uploads (minus what `before` already showed)."""
     before = before or Baseline()
     outside: list[Failure] = []
     stats = result.stats
@@ -349,13 +374,11 @@ def check(stack: Stack, result: Result, plan: FaultPlan, grace: float, before: B
                 outside.append(f)
             else:
                 window.errors[kind] += 1
-    settle(stack)
-    scrub_before = _cli(stack, "scrub", "--no-digests")
+    time.sleep(settle_s)
     uploads_before = len(open_uploads(stack))
     stray = unacknowledged_tus_uploads(stack, set(result.ledger.sessions))
     expire_now(stack, [u["id"] for u in stray])
-    sweep = _cli(stack, "sweep", "--grace-seconds", "0")
-    scrub = _cli(stack, "scrub")
+    scrub_before, sweep, scrub = maintain(stack)
     for k in SCRUB_LISTS:
         scrub[k] = [x for x in scrub[k] if x not in before.scrub.get(k, frozenset())]
     live = {u["id"] for u in unacknowledged_tus_uploads(stack, set(result.ledger.sessions))}
@@ -363,6 +386,29 @@ def check(stack: Stack, result: Result, plan: FaultPlan, grace: float, before: B
     uploads = [u for u in open_uploads(stack) if u["UploadId"] not in before.uploads]
     return FaultReport(plan.faults, grace, outside, result.lost, scrub_before, sweep, scrub, uploads_before,
                        uploads, len(stray), tails)
+
+
+def _where(r: FaultReport, f: Failure) -> str:
+    """When a failure outside every window happened: after which recovery, how long."""
+    before = [x for x in r.faults if x.recovered_at is not None and x.recovered_at <= f.started]
+    if not before:
+        return f"[{f.ended - f.started:.1f} s long, before the first kill]"
+    last = before[-1]
+    assert last.recovered_at is not None
+    after = f.started - last.recovered_at
+    return f"[{after:+.1f} s after {last.component} recovered, {f.ended - f.started:.1f} s long]"
+
+
+def keep_logs(stack: Stack) -> Path:
+    """A copy of the stack's logs (ext, PostgREST, nginx, SeaweedFS, PostgreSQL) that outlives it."""
+    import shutil
+    import tempfile
+
+    target = Path(tempfile.mkdtemp(prefix="tp-faults-logs-"))
+    shutil.copytree(stack.logs, target / "logs", dirs_exist_ok=True)
+    with contextlib.suppress(OSError):
+        shutil.copy(stack.logfile("postgres"), target / "logs" / "postgres.log")
+    return target
 
 
 def report(r: FaultReport) -> str:
@@ -375,7 +421,9 @@ def report(r: FaultReport) -> str:
     lines += [f"errors outside every window: {len(r.outside)}; lost writes: {len(r.lost)}",
               f"left for the sweep: {s['left_for_the_sweep']}; sweep: {r.sweep}",
               f"after the sweep: {s['after_sweep']}"]
-    for title, items in (("outside the windows", [f"{f.endpoint}: {f.detail}" for f in r.outside]),
+    if r.logs:
+        lines.append(f"the stack's logs are kept in {r.logs}")
+    for title, items in (("outside the windows", [f"{_where(r, f)} {f.endpoint}: {f.detail}" for f in r.outside]),
                          ("scrub", [f"{k}: {v[:5]}" for k, v in r.scrub.items() if isinstance(v, list) and v]),
                          ("open multipart uploads", [f"{u['Key']} {u['UploadId']}" for u in r.open_uploads]),
                          ("tus tail objects", r.tus_tails)):
@@ -399,14 +447,18 @@ def restore(stack: Stack) -> list[str]:
 
 def run_with_faults(stack: Stack, *, users: int, seconds: float, accounts: int = 10, think: float = 0.1,
                     grace: float = GRACE_S, probe: Any = None, before: Baseline | None = None,
-                    components: tuple[str, ...] = COMPONENTS) -> tuple[Result, FaultReport]:
-    """The load with the faults of `components` in turn, then `check`."""
+                    components: tuple[str, ...] = COMPONENTS, lead: float = 5.0,
+                    gap: float = 5.0) -> tuple[Result, FaultReport]:
+    """The load with the faults of `components` in turn (see FaultPlan), then `check`."""
     from loadtest.load import run_load
 
-    plan = FaultPlan(stack, components, seconds=seconds)
+    plan = FaultPlan(stack, components, seconds=seconds, lead=lead, gap=gap)
     try:
         result = asyncio.run(run_load(stack.s.proxy_url, users=users, seconds=seconds, accounts=accounts,
                                       think=think, probe=probe, alongside=plan))
     finally:
         restore(stack)
-    return result, check(stack, result, plan, grace, before)
+    found = check(stack, result, plan, grace, before)
+    if not found.ok:
+        found.logs = keep_logs(stack)
+    return result, found

@@ -99,6 +99,7 @@ class Ledger:
     actions: dict[str, dict[str, Any]] = field(default_factory=dict)  # id -> {owner, name, descriptions}
     sessions: dict[str, tuple[int, str, str]] = field(default_factory=dict)  # id -> (account, sha256, size)
     examples: dict[str, tuple[int, str]] = field(default_factory=dict)  # id -> (account, sha256)
+    tus: set[str] = field(default_factory=set)  # the sessions (above) that came through /uploads
 
 
 class TokenBucket:
@@ -295,8 +296,10 @@ class User:
             if r is not None and r.status_code == 204:
                 offset = int(r.headers["upload-offset"])
                 if offset == len(body):
-                    self.ledger.sessions[r.headers["upload-session-id"]] = (
-                        self.account_no, hashlib.sha256(body).hexdigest(), str(len(body)))
+                    session_id = r.headers["upload-session-id"]
+                    self.ledger.sessions[session_id] = (self.account_no, hashlib.sha256(body).hexdigest(),
+                                                        str(len(body)))
+                    self.ledger.tus.add(session_id)
                     return
                 continue
             if r is not None and r.status_code < 500 and r.status_code not in (409, 429):
@@ -418,7 +421,7 @@ class Result:
             "unexpected_4xx": len(self.stats.unexpected),
             "throttled_429": sum(c[429] for c in self.stats.statuses.values()),
             "acknowledged_writes": {"actions": len(self.ledger.actions), "sessions": len(self.ledger.sessions),
-                                    "examples": len(self.ledger.examples)},
+                                    "of_which_tus": len(self.ledger.tus), "examples": len(self.ledger.examples)},
             "lost_writes": len(self.lost),
             "endpoints": {k: {**{m: round(v, 1) for m, v in p.items()},
                               "statuses": dict(sorted(self.stats.statuses[k].items()))}

@@ -220,7 +220,9 @@ def _s3(stack: Stack) -> Any:
 
 def open_uploads(stack: Stack) -> list[dict[str, Any]]:
     """ListMultipartUploads on the whole bucket (every page)."""
-    s3, out, kwargs = _s3(stack), [], {}
+    s3 = _s3(stack)
+    out: list[dict[str, Any]] = []
+    kwargs: dict[str, str] = {}
     while True:
         page = s3.list_multipart_uploads(Bucket=stack.s.bucket, **kwargs)
         out += page.get("Uploads", [])
@@ -266,7 +268,8 @@ async def _ext(stack: Stack) -> AsyncIterator[tuple[Any, Any, Any]]:
     from ext.storage import ObjectStore, make_client
 
     secrets = credentials.load_or_create(stack.state)
-    settings = ExtSettings(**{k.removeprefix("TP_EXT_").lower(): v for k, v in stack.ext_env(secrets).items()})
+    values: dict[str, Any] = {k.removeprefix("TP_EXT_").lower(): v for k, v in stack.ext_env(secrets).items()}
+    settings = ExtSettings(**values)
     async with make_pool(settings) as pool:
         yield settings, pool, ObjectStore(make_client(settings), settings)
 

@@ -56,8 +56,8 @@ demo: $(STAMP)  ## load a realistic sample into the running stack (make up first
 	$(TP) demo
 
 .PHONY: soak
-soak: $(TEST_STAMP)  ## 5 min of 100 users on a throwaway stack (MINUTES=n), then fuzzing with FUZZ_EXAMPLES=100 per operation
-	$(VENV)/bin/python -m loadtest.run --minutes $(or $(MINUTES),5) $(if $(FLOOD),--flood)
+soak: $(TEST_STAMP)  ## 5 min of 100 users on a throwaway stack (MINUTES=n; FAULTS=1: each component SIGKILLed in turn; FLOOD=1: beside a flooding key), then fuzzing with FUZZ_EXAMPLES=100 per operation
+	$(VENV)/bin/python -m loadtest.run --minutes $(or $(MINUTES),5)$(if $(filter 1 yes true,$(FAULTS)), --faults)$(if $(filter 1 yes true,$(FLOOD)), --flood)
 	TP_FUZZ_EXAMPLES=$(or $(FUZZ_EXAMPLES),100) $(VENV)/bin/pytest -q -p no:cacheprovider tests/test_fuzz.py
 
 .PHONY: soak-tokens

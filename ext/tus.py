@@ -75,7 +75,11 @@ COLUMNS = ("id, suite_id, upload_length, upload_offset, metadata, session_id, s3
 
 # --- the lock pool ----------------------------------------------------------------------------
 async def _unlock_all(conn: psycopg.AsyncConnection[Any]) -> None:
+    """The pool's reset: no lock outlives its request. It must leave the connection idle (the
+    select opens a transaction): one left in a transaction is discarded, which made every
+    PATCH and DELETE open a new database connection."""
     await conn.execute("select pg_advisory_unlock_all()")
+    await conn.commit()
 
 
 def make_lock_pool(settings: ExtSettings) -> AsyncConnectionPool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -28,6 +29,8 @@ from starlette.requests import ClientDisconnect
 from ext.db import as_caller
 from ext.errors import ApiError
 
+log = logging.getLogger("ext.uploads")
+
 
 class Sink(Protocol):
     async def write(self, data: bytes) -> None: ...
@@ -42,6 +45,23 @@ async def discard(upload: Discardable) -> None:
     run as its own task and shielded, so it completes even when the request's task is being
     cancelled (a cancelled scope would otherwise cancel the cleanup's first await too)."""
     await asyncio.shield(asyncio.ensure_future(upload.abort()))
+
+
+def commit_outcome_unknown(e: BaseException) -> bool:
+    """A COMMIT that failed without the server saying how: the connection broke (no SQLSTATE)
+    or the server went away (class 08, 57P). The transaction may have committed."""
+    return isinstance(e, psycopg.OperationalError) and (e.sqlstate is None or e.sqlstate.startswith(("08", "57P")))
+
+
+async def discard_unless_committed(upload: Discardable, committing: bool, e: BaseException) -> None:
+    """The cleanup of a failed upload, except when the failure was its row's COMMIT with an
+    unknown outcome (PostgreSQL killed as it committed: the row may be there after its crash
+    recovery). The object then stays: removing it could leave a committed row without its
+    object; the orphan sweep removes it (after orphan_grace_s) if no row names it."""
+    if committing and commit_outcome_unknown(e):
+        log.warning("the commit's outcome is unknown (%s): the object stays for the orphan sweep to judge", e)
+        return
+    await discard(upload)
 
 
 class HashSink:

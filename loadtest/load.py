@@ -12,6 +12,7 @@ outcome is accepted, nothing else is.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 import random
@@ -27,6 +28,8 @@ import httpx
 from tracepipe import bundles
 
 PASSWORD = "load test password, long enough"
+TUS = {"Tus-Resumable": "1.0.0"}
+TUS_ATTEMPTS = 120  # PATCH/HEAD rounds a resumable upload tries (0.5 s apart) before it terminates itself
 
 
 @dataclass
@@ -34,6 +37,8 @@ class Failure:
     endpoint: str
     status: int  # 0: no answer (transport error)
     detail: str
+    started: float = 0.0  # monotonic: when the request was sent and when it ended (loadtest/faults.py
+    ended: float = 0.0  # places each failure inside or outside a fault's window)
 
 
 @dataclass
@@ -44,16 +49,19 @@ class Stats:
     transport_errors: list[Failure] = field(default_factory=list)
     unexpected: list[Failure] = field(default_factory=list)  # 4xx the mix never provokes (429 aside)
 
-    def record(self, endpoint: str, started: float, response: httpx.Response | None, error: str = "") -> None:
-        self.latencies[endpoint].append(time.monotonic() - started)
+    def record(self, endpoint: str, started: float, response: httpx.Response | None, error: str = "",
+               expected: tuple[int, ...] = ()) -> None:
+        """`expected`: 4xx statuses the caller handles (tus's 409: resume from the server's offset)."""
+        ended = time.monotonic()
+        self.latencies[endpoint].append(ended - started)
         status = response.status_code if response is not None else 0
         self.statuses[endpoint][status] += 1
         if response is None:
-            self.transport_errors.append(Failure(endpoint, 0, error))
+            self.transport_errors.append(Failure(endpoint, 0, error, started, ended))
         elif status >= 500:
-            self.server_errors.append(Failure(endpoint, status, _describe(response)))
-        elif status >= 400 and status != 429:
-            self.unexpected.append(Failure(endpoint, status, _describe(response)))
+            self.server_errors.append(Failure(endpoint, status, _describe(response), started, ended))
+        elif status >= 400 and status != 429 and status not in expected:
+            self.unexpected.append(Failure(endpoint, status, _describe(response), started, ended))
 
     def percentiles(self) -> dict[str, dict[str, float]]:
         out = {}
@@ -91,6 +99,7 @@ class Ledger:
     actions: dict[str, dict[str, Any]] = field(default_factory=dict)  # id -> {owner, name, descriptions}
     sessions: dict[str, tuple[int, str, str]] = field(default_factory=dict)  # id -> (account, sha256, size)
     examples: dict[str, tuple[int, str]] = field(default_factory=dict)  # id -> (account, sha256)
+    tus: set[str] = field(default_factory=set)  # the sessions (above) that came through /uploads
 
 
 class TokenBucket:
@@ -160,7 +169,8 @@ class User:
         self.mine: list[str] = []  # actions this user created (only it updates them)
         self.counter = 0
 
-    async def call(self, endpoint: str, method: str, path: str, **kwargs: Any) -> httpx.Response | None:
+    async def call(self, endpoint: str, method: str, path: str, expected: tuple[int, ...] = (),
+                   **kwargs: Any) -> httpx.Response | None:
         headers = {"Authorization": f"Bearer {self.account.token}", **kwargs.pop("headers", {})}
         started = time.monotonic()
         try:
@@ -168,7 +178,7 @@ class User:
         except httpx.HTTPError as e:
             self.stats.record(endpoint, started, None, f"{method} {path}: {type(e).__name__}: {e}")
             return None
-        self.stats.record(endpoint, started, r)
+        self.stats.record(endpoint, started, r, expected=expected)
         return r
 
     # --- the mix ------------------------------------------------------------------------------
@@ -210,8 +220,8 @@ class User:
         entry = self.ledger.actions[action_id]
         if r is not None and r.status_code == 200 and r.json().get("description") == description:
             entry["acked"], entry["maybe"] = description, []
-        elif r is None:
-            entry["maybe"].append(description)  # unknown whether it happened
+        elif r is None or r.status_code in (502, 504):
+            entry["maybe"].append(description)  # unknown whether it happened (the answer was lost)
         return None
 
     async def exchange_key(self) -> None:
@@ -264,10 +274,50 @@ class User:
             self.stats.unexpected.append(Failure("GET /examples/{id}/messages", 200,
                                                  f"{example_id}: streamed bytes differ from what was registered"))
 
+    async def tus_upload(self) -> None:
+        """A resumable upload (tus, /uploads) in two PATCHes; any failure is resumed from the
+        offset the server reports (HEAD), as a tus client does, until the session commits.
+        One that cannot finish within TUS_ATTEMPTS rounds is terminated (DELETE)."""
+        self.counter += 1
+        body = bundles.bundle(manifest_data=bundles.manifest(metadata={"user": self.n, "tus": self.counter}),
+                              n_events=40 + self.rng.randrange(60), har_entries=2, screenshots=1)
+        filename = base64.b64encode(b"load.zip").decode()
+        r = await self.call("POST /uploads", "POST", "/uploads", headers={
+            **TUS, "Upload-Length": str(len(body)), "Upload-Metadata": f"filename {filename}"})
+        if r is None or r.status_code != 201:
+            return
+        url = r.headers["location"]
+        offset, half = 0, len(body) // 2
+        for _ in range(TUS_ATTEMPTS):
+            end = half if offset < half else len(body)
+            r = await self.call("PATCH /uploads/{id}", "PATCH", url, expected=(409,), content=body[offset:end],
+                                headers={**TUS, "Content-Type": "application/offset+octet-stream",
+                                         "Upload-Offset": str(offset)})
+            if r is not None and r.status_code == 204:
+                offset = int(r.headers["upload-offset"])
+                if offset == len(body):
+                    session_id = r.headers["upload-session-id"]
+                    self.ledger.sessions[session_id] = (self.account_no, hashlib.sha256(body).hexdigest(),
+                                                        str(len(body)))
+                    self.ledger.tus.add(session_id)
+                    return
+                continue
+            if r is not None and r.status_code < 500 and r.status_code not in (409, 429):
+                break  # refused (recorded as unexpected): not something to resume
+            await asyncio.sleep(0.5)
+            head = await self.call("HEAD /uploads/{id}", "HEAD", url, headers=TUS)
+            if head is not None and head.status_code == 200:
+                offset = int(head.headers["upload-offset"])
+        for _ in range(TUS_ATTEMPTS):
+            r = await self.call("DELETE /uploads/{id}", "DELETE", url, expected=(404, 409), headers=TUS)
+            if r is not None and r.status_code in (204, 404):
+                return
+            await asyncio.sleep(0.5)
+
     def mix(self) -> list[tuple[int, Callable[[], Awaitable[None]]]]:
         return [(10, self.list_suites), (10, self.get_suite), (15, self.list_actions), (8, self.me),
                 (9, self.create_action), (9, self.update_action), (5, self.exchange_key),
-                (9, self.upload), (8, self.register_and_stream), (17, self.stream)]
+                (9, self.upload), (8, self.register_and_stream), (17, self.stream), (3, self.tus_upload)]
 
     async def run(self, deadline: float, think: float) -> None:
         weights, operations = zip(*self.mix(), strict=True)
@@ -344,6 +394,12 @@ async def verify(base_url: str, accounts: list[Account], ledger: Ledger, concurr
 
 
 @dataclass
+class Deadline:
+    """When the users stop; what runs alongside them (loadtest/faults.py) may move it later."""
+    at: float
+
+
+@dataclass
 class Result:
     seconds: float
     users: int
@@ -365,7 +421,7 @@ class Result:
             "unexpected_4xx": len(self.stats.unexpected),
             "throttled_429": sum(c[429] for c in self.stats.statuses.values()),
             "acknowledged_writes": {"actions": len(self.ledger.actions), "sessions": len(self.ledger.sessions),
-                                    "examples": len(self.ledger.examples)},
+                                    "of_which_tus": len(self.ledger.tus), "examples": len(self.ledger.examples)},
             "lost_writes": len(self.lost),
             "endpoints": {k: {**{m: round(v, 1) for m, v in p.items()},
                               "statuses": dict(sorted(self.stats.statuses[k].items()))}
@@ -375,9 +431,11 @@ class Result:
 
 async def run_load(base_url: str, *, users: int = 100, seconds: float = 300, accounts: int = 10,
                    think: float = 0.1, exchanges_per_s: float = 8.0, seed: int = 1,
-                   probe: Callable[[], Any] | None = None) -> Result:
+                   probe: Callable[[], Any] | None = None,
+                   alongside: Callable[[Deadline], Awaitable[Any]] | None = None) -> Result:
     """`probe` (e.g. the components' memory) is called as the load starts and as it ends,
-    before the verification reads everything back."""
+    before the verification reads everything back. `alongside` runs with the users (the
+    faults of loadtest/faults.py) and may extend their deadline."""
     account_list = await setup(base_url, accounts)
     memory_start = probe() if probe else None
     stats, ledger = Stats(), Ledger()
@@ -385,12 +443,18 @@ async def run_load(base_url: str, *, users: int = 100, seconds: float = 300, acc
     limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)  # one connection per user
     clients = [httpx.AsyncClient(base_url=base_url, timeout=60, limits=limits) for _ in range(users)]
     started = time.monotonic()
-    deadline = started + seconds
+    deadline = Deadline(started + seconds)
+
+    async def until_deadline(u: User) -> None:
+        while time.monotonic() < deadline.at:
+            await u.run(deadline.at, think)
+
     try:
         virtual = [User(n, n % accounts, account_list[n % accounts], clients[n], stats, ledger, exchanges,
                         random.Random(seed * 1000 + n)) for n in range(users)]
-        await asyncio.gather(relogin(base_url, account_list, 600, deadline),
-                             *(u.run(deadline, think) for u in virtual))
+        await asyncio.gather(relogin(base_url, account_list, 600, deadline.at),
+                             *(until_deadline(u) for u in virtual),
+                             *([alongside(deadline)] if alongside else []))
     finally:
         for client in clients:
             await client.aclose()

@@ -36,6 +36,7 @@ from ext.uploads import (
     HashSink,
     body_kind,
     check_idempotency_key,
+    discard_unless_committed,
     idempotent_result,
     remember_result,
     replay_winner,
@@ -178,6 +179,7 @@ async def register_example(
 
     upload = store.uploader(example_key(example_id), settings.max_example_bytes)
     validating = _ValidatingSink(upload, settings.max_jsonl_line_bytes, settings.max_json_depth)
+    committing = False
     try:
         fields = await stream_body(request, kind, validating, "messages", ("metadata",), settings.max_metadata_bytes)
         validating.lines.finish()
@@ -187,11 +189,12 @@ async def register_example(
         async with as_caller(pool, caller, rid) as conn:
             row = await _insert(conn, example_id, meta, validating.lines.lines, stored.size, stored.sha256)
             await remember_result(conn, "examples", key, digest, row["id"], row)
+            committing = True  # what fails from here on is the COMMIT
     except ConcurrentRetry:
         await upload.abort()
         return await replay_winner(pool, caller, rid, "examples", key or "", digest)
-    except BaseException:
-        await upload.abort()
+    except BaseException as e:
+        await discard_unless_committed(upload, committing, e)
         raise
     if row["id"] != example_id:  # the job registered this content before: one example, ours is a copy
         await store.delete(example_key(example_id))

@@ -35,6 +35,7 @@ from ext.uploads import (
     body_kind,
     check_idempotency_key,
     discard,
+    discard_unless_committed,
     idempotent_result,
     remember_result,
     replay_winner,
@@ -124,6 +125,7 @@ async def upload_session(request: Request, caller: CallerDep, pool: PoolDep, set
 
     session_id = str(uuid.uuid4())
     upload = store.uploader(bundle_key(session_id), settings.max_bundle_bytes)
+    committing = False
     try:
         fields = await stream_body(request, kind, upload, "bundle", ("metadata",), settings.max_metadata_bytes)
         user_metadata = fields.json_object("metadata")
@@ -133,11 +135,12 @@ async def upload_session(request: Request, caller: CallerDep, pool: PoolDep, set
         async with as_caller(pool, caller, rid) as conn:
             row = await insert_session(conn, session_id, stored, summary, user_metadata)
             await remember_result(conn, "sessions", key, digest, session_id, row)
+            committing = True  # what fails from here on is the COMMIT
     except ConcurrentRetry:
         await discard(upload)
         return await replay_winner(pool, caller, rid, "sessions", key or "", digest)
-    except BaseException:  # bad input, disconnect, store or database failure: leave nothing
-        await discard(upload)
+    except BaseException as e:  # bad input, disconnect, store or database failure: leave nothing
+        await discard_unless_committed(upload, committing, e)
         raise
     return JSONResponse(row, status_code=201, headers={"Location": f"/sessions/{session_id}"})
 

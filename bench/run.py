@@ -740,6 +740,7 @@ ONLY: dict[str, Callable[[Run, data.Fixtures], None]] = {
     "tus": upload,  # uploads: POST /sessions, tus and boto3 in the same rounds
     "upload": upload,
     "stream": stream,
+    "reads": reads,  # a suite by id and a page of actions: proxy vs bare PostgREST vs pgbench
     "backup": _backup_phase,  # seeds the profile's rows first
     # scaleout: the read replica and PgBouncer (bench/scaleout.py), on throwaway stacks of its own
     "scaleout": lambda run, fx: None,

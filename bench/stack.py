@@ -71,6 +71,7 @@ class BenchStack:
         bs: BenchStack | None = None
         try:
             stack.up()
+            _wait_first_backup(stack)
             bs = cls(stack, owned=True, bare_ports=extra)
             yield bs
         finally:
@@ -215,3 +216,18 @@ class BenchStack:
         if result.returncode != 0:
             raise RuntimeError(f"tracepipe {' '.join(args)} failed: {result.stdout} {result.stderr}")
         return result
+
+
+def _wait_first_backup(stack: Stack, timeout_s: float = 600) -> None:
+    """A new stack takes its first full backup at once (tracepipe/backup.py): measuring before
+    it ends would measure the backup too (SeaweedFS and PostgreSQL busy)."""
+    if not stack.s.backup_enabled:
+        return
+    from tracepipe import backup
+
+    deadline = time.monotonic() + timeout_s
+    while not backup.backups(stack):
+        if time.monotonic() > deadline:
+            raise RuntimeError("the stack's first full backup did not finish in time")
+        time.sleep(2)
+

@@ -117,7 +117,7 @@ def write_secrets(target: Path) -> Path:
     credentials.ensure_signing_key(target)
     from tracepipe.stack import PROXY_JWT_KEY, write_pgrst_jwks
 
-    write_pgrst_jwks(target)  # PostgREST's JWKS: ext's public keys and the proxy's HS256 key
+    write_pgrst_jwks(target)  # PostgREST's JWKS: the proxy's HS256 key alone
     os.chmod(target / PROXY_JWT_KEY, 0o644)  # nginx's workers (the image's user) read it; the dir is 0700
     env_file = target / "compose.env"
     if env_file.exists():

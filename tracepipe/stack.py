@@ -844,29 +844,31 @@ class Stack:
 # that cache never drops an entry: memory grew ~7 MiB per 1,000 distinct tokens. The proxy
 # verifies ext's ES256 tokens itself (fair_use.js, OpenSSL) and hands PostgREST the same
 # header-less claims signed HS256 with this key, which PostgREST verifies in microseconds
-# with its cache off (pgrst_jwt_cache_s = 0). A token the proxy does not verify goes on as
-# it came, and PostgREST refuses it as before (its JWKS keeps ext's public keys).
+# with its cache off (pgrst_jwt_cache_s = 0); each token is verified once, its verdict
+# cached until it expires (proxy_cache tp_verified). A token the proxy does not verify goes on
+# as it came, and PostgREST, which trusts this key alone, refuses it (401).
 PROXY_JWT_KEY = "proxy-jwt.key"
 PROXY_JWT_KID = "tp-proxy"
 PGRST_JWKS = "pgrst-jwks.json"
 
 
 def write_pgrst_jwks(directory: Path) -> Path:
-    """directory/pgrst-jwks.json (0600): ext's public keys (directory/jwt/jwks.json) and the
-    proxy's HS256 key (directory/proxy-jwt.key, made once). A state dir, or compose's secrets."""
+    """directory/pgrst-jwks.json (0600): the proxy's HS256 key (directory/proxy-jwt.key, made
+    once), and nothing else. PostgREST trusts only tokens the proxy re-signed, that is tokens
+    whose ES256 signature the proxy verified against ext's public keys under their own kid:
+    PostgREST 12.0.2 tries every key of its JWKS whatever the kid, so with ext's keys there a
+    token under an unknown kid was accepted. A state dir, or compose's secrets."""
     import base64
-    import json
     import secrets as random
 
     key_file = directory / PROXY_JWT_KEY
     if not key_file.exists():
         credentials.write_private_text(key_file, random.token_urlsafe(48))
     secret = key_file.read_text().strip().encode()
-    public = json.loads((credentials.jwt_dir(directory) / "jwks.json").read_text())
     oct_key = {"kty": "oct", "kid": PROXY_JWT_KID, "alg": "HS256", "use": "sig",
                "k": base64.urlsafe_b64encode(secret).rstrip(b"=").decode()}
     target = directory / PGRST_JWKS
-    credentials.write_private_json(target, {"keys": [*public["keys"], oct_key]})
+    credentials.write_private_json(target, {"keys": [oct_key]})
     return target
 
 

@@ -1,6 +1,7 @@
 // Fair use per caller (tracepipe.conf, "Fair use"): the key each request is counted under.
 //
-// Runs in the auth_request subrequest /_tp_fair_use/check. A bearer token whose ES256
+// Runs in the auth_request subrequest /_tp_fair_use/check, which asks the verification
+// server (verify, behind the proxy's cache of verified tokens) who a bearer token is. A token whose ES256
 // signature verifies against the stack's public keys (the JWKS file ext and PostgREST use,
 // $tp_fair_use_jwks), and that has not expired, is counted under its API key ("key:<key_id>",
 // the claim ext's POST /auth/token adds) or else its subject ("sub:<sub>"). Anything else (no
@@ -20,6 +21,9 @@ const fs = require('fs');
 const SPKI_P256 = Buffer.from('3059301306072a8648ce3d020106082a8648ce3d030107034200', 'hex');
 const BEARER = /^Bearer +([A-Za-z0-9_-]{1,2048})\.([A-Za-z0-9_-]{1,8192})\.([A-Za-z0-9_-]{1,256})$/;
 
+// The roles a token may carry (auth.check_request in db/schema/10_auth.sql says the same).
+const TOKEN_ROLES = ['tp_user', 'tp_pipeline', 'tp_admin'];
+
 function b64url(text) {
     return Buffer.from(text, 'base64url');
 }
@@ -37,7 +41,11 @@ function findKey(r, kid) {
     return null;
 }
 
-// The verified caller of the token in Authorization, or null.
+// The token in Authorization if ext signed it (its ES256 signature verifies under a kid of
+// the JWKS): {caller, payload, ttl}, caller null when it has expired; else null. Only a token
+// ext signed reaches PostgREST re-signed; PostgREST trusts the proxy's key alone, so a token
+// under an unknown kid or a foreign key is refused there (PostgREST 12.0.2 would otherwise try
+// every key of its JWKS, whatever the kid).
 async function verifiedCaller(r) {
     const m = BEARER.exec(r.headersIn.Authorization || '');
     if (!m) {
@@ -62,8 +70,16 @@ async function verifiedCaller(r) {
         return null;
     }
     const claims = JSON.parse(b64url(m[2]).toString());
-    if (typeof claims.exp !== 'number' || claims.exp <= Date.now() / 1000) {
+    if (TOKEN_ROLES.indexOf(claims.role) < 0) {
+        // PostgREST 12.0.2 switches to the role claim before its pre-request hook
+        // (auth.check_request, which holds the same list) could refuse it: 403 or 400 there.
         return null;
+    }
+    const ttl = typeof claims.exp === 'number' ? Math.floor(claims.exp - Date.now() / 1000) : 0;
+    if (ttl <= 0) {
+        // signed by ext, but expired (or without exp): PostgREST gets it re-signed and says
+        // why it refuses; counted under the address
+        return {caller: null, payload: m[2], ttl: 0};
     }
     let caller = null;
     if (typeof claims.key_id === 'string' && claims.key_id) {
@@ -71,7 +87,7 @@ async function verifiedCaller(r) {
     } else if (typeof claims.sub === 'string' && claims.sub) {
         caller = 'sub:' + claims.sub;
     }
-    return caller && {caller: caller, payload: m[2]};
+    return {caller: caller, payload: m[2], ttl: ttl};
 }
 
 // The same claims (the token's payload, byte for byte) signed HS256 with the proxy's key,
@@ -84,22 +100,54 @@ function proxyToken(r, payload) {
     return input + '.' + require('crypto').createHmac('sha256', secret).update(input).digest('base64url');
 }
 
-async function check(r) {
+// The caller a bearer token verifies as, for the verification server behind the proxy's
+// cache (tracepipe.conf: /_tp_fair_use/verify): 200 with X-Tp-Caller and X-Tp-Pgrst-Token,
+// cached until the token expires (X-Accel-Expires, at most VERIFIED_CACHE_S), so each token is
+// verified once, not on every request; or 200 without them, never cached (a token that does
+// not verify now may after a key rotation reaches this copy of the JWKS).
+const VERIFIED_CACHE_S = 300;
+
+async function verify(r) {
     let verified = null;
     try {
         verified = await verifiedCaller(r);
     } catch (e) {
         verified = null;  // a token that does not even parse: counted under the address
     }
-    const key = verified ? verified.caller : 'ip:' + r.variables.remote_addr;
-    const reply = await r.subrequest('/_tp_fair_use/count', {args: 'k=' + encodeURIComponent(key)});
-    if (reply.status === 429) {
+    if (verified) {
+        if (verified.caller) {
+            r.headersOut['X-Tp-Caller'] = verified.caller;
+        }
+        r.headersOut['X-Tp-Pgrst-Token'] = proxyToken(r, verified.payload);
+        r.headersOut['X-Accel-Expires'] = String(Math.max(0, Math.min(VERIFIED_CACHE_S, verified.ttl)));
+    } else {
+        r.headersOut['X-Accel-Expires'] = '0';
+    }
+    r.return(200);
+}
+
+async function check(r) {
+    let caller = null;
+    let pgrstToken = null;
+    const m = BEARER.exec(r.headersIn.Authorization || '');
+    if (m) {
+        // the cache's key: the token's sha256, so no token is written to disk
+        const digest = require('crypto').createHash('sha256').update(r.headersIn.Authorization).digest('hex');
+        const reply = await r.subrequest('/_tp_fair_use/verify', {args: 'h=' + digest, method: 'GET'});
+        if (reply.status === 200) {
+            caller = reply.headersOut['X-Tp-Caller'] || null;
+            pgrstToken = reply.headersOut['X-Tp-Pgrst-Token'] || null;
+        }
+    }
+    const key = caller || 'ip:' + r.variables.remote_addr;
+    const counted = await r.subrequest('/_tp_fair_use/count', {args: 'k=' + encodeURIComponent(key)});
+    if (counted.status === 429) {
         r.headersOut['X-Tp-Fair-Use'] = 'limited';
         r.return(401);
         return;
     }
-    if (verified) {
-        r.headersOut['X-Tp-Pgrst-Token'] = proxyToken(r, verified.payload);
+    if (pgrstToken) {
+        r.headersOut['X-Tp-Pgrst-Token'] = pgrstToken;
     }
     r.return(204);
 }
@@ -108,4 +156,4 @@ function pass(r) {
     r.return(204);
 }
 
-export default {check, pass};
+export default {check, verify, pass};

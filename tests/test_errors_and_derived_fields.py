@@ -101,3 +101,22 @@ def test_an_api_key_that_is_wrong_is_not_called_missing(anon: httpx.Client) -> N
     assert {missing.status_code, wrong.status_code, garbled.status_code} == {401}
     assert assert_error_body(missing)["message"] != assert_error_body(wrong)["message"], (missing.text, wrong.text)
     assert assert_error_body(garbled)["message"] != assert_error_body(missing)["message"], garbled.text
+
+
+@pytest.mark.parametrize("resolution", ["merge-duplicates", "ignore-duplicates"])
+@pytest.mark.parametrize("path", ["/suites/{id}/members", "/suite-members"])
+def test_a_membership_upsert_is_refused_naming_prefer_not_a_raw_42p10(
+        make_user: Callable[..., User], resolution: str, path: str) -> None:
+    """Memberships are invitations written through an INSTEAD OF trigger, which PostgreSQL
+    cannot combine with ON CONFLICT: say so (and what to do), and change nothing."""
+    owner, invitee = make_user(), make_user()
+    suite = create_suite(owner)
+    body = {"suite_id": suite["id"], "user_id": invitee.id, "role": "viewer"}
+    r = owner.client.post(path.format(id=suite["id"]), json=body,
+                          headers={"Prefer": f"resolution={resolution},return=representation"})
+    assert r.status_code == 400, r.text
+    err = assert_error_body(r)
+    assert err["code"] == "TP400" and "upsert" in err["message"] and "Prefer" in (err["details"] or ""), err
+    assert "POST" in (err["hint"] or "") and "PATCH" in (err["hint"] or ""), err
+    members = owner.client.get(f"/suites/{suite['id']}/members").json()
+    assert [m["user_id"] for m in members] == [owner.id], members

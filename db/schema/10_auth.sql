@@ -274,6 +274,12 @@ begin
     if problem is not null then
         perform auth.reject(problem);
     end if;
+    -- Memberships are invitations written through an INSTEAD OF trigger (api.suite_members):
+    -- PostgreSQL has no ON CONFLICT for such a view, so an upsert would end in a raw 42P10.
+    if current_setting('request.path', true) = '/suite_members' and app.is_upsert() then
+        perform api_error.bad_request('Prefer', 'memberships cannot be upserted (Prefer: resolution=...)',
+            'Invite with POST without resolution=; change a role with PATCH ?user_id=eq.<id>.');
+    end if;
 end
 $$;
 comment on function auth.check_request() is

@@ -438,7 +438,8 @@ def test_status_names_each_component_where_it_listens(stack: Stack, stack_env: d
     """`tracepipe status` shows the address each component really listens on: PostgREST and
     ext on their unix sockets (TP_SERVICE_SOCKETS), not the loopback ports they no longer bind."""
     out = run_cli(stack_env, "status").stdout.splitlines()
-    rows = {line.split()[0]: line.split() for line in out[1:] if line and not line.startswith("proxy:")}
+    table = out[1:out.index(next(line for line in out if line.startswith("proxy:")))]  # then backup, replica lines
+    rows = {line.split()[0]: line.split() for line in table if line and ":" not in line.split()[0]}
     assert {"postgres", "seaweedfs", "postgrest", "ext", "nginx"} <= set(rows), out
     assert all(row[1] == "up" for row in rows.values()), out
     for name in ("postgrest", "ext"):

@@ -51,6 +51,16 @@ class ComponentStatus:
     healthy: bool
 
 
+def _is_zombie(pid: int) -> bool:
+    """A process that died and was not reaped yet (a killed daemon whose parent is gone and
+    whose reaper is slow): kill(pid, 0) still succeeds, but nothing runs."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return any(line.startswith("State:") and "Z" in line.split()[1] for line in status.splitlines())
+
+
 def _log(msg: str) -> None:
     print(f"[tracepipe] {msg}", file=sys.stderr, flush=True)
 
@@ -361,9 +371,9 @@ class Stack:
         try:
             pid = int(path.read_text().split()[0])
             os.kill(pid, 0)
-            return pid
         except (FileNotFoundError, ValueError, IndexError, ProcessLookupError, PermissionError):
             return None
+        return None if _is_zombie(pid) else pid
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> int:
         log = open(self.logfile(name), "ab")  # noqa: SIM115 - handed to the child

@@ -13,13 +13,11 @@ beside what it replaces, in one run on throwaway stacks of its own.
 from __future__ import annotations
 
 import contextlib
-import tempfile
 import threading
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -27,26 +25,16 @@ import psycopg
 
 from bench import data
 from bench.load import LoadResult, median_result, wrk
-from tracepipe.ports import free_stack_ports
-from tracepipe.settings import REPO_ROOT, StackSettings
-from tracepipe.stack import Stack
+from tracepipe.stack import Stack, throwaway_stack
 
 
 @contextmanager
 def throwaway(scale: int = 1, **fields: Any) -> Iterator[Stack]:
-    state = Path(tempfile.mkdtemp(prefix="tp-bench-scaleout-"))
-    state.chmod(0o755)
-    ports, (replica_port, pooler_port, ro_port, ro_admin) = free_stack_ports(scale=scale, extra=4)
-    settings: dict[str, Any] = {
-        "state_dir": state, "tools_dir": REPO_ROOT / ".tools", "scale": scale, "replica_port": replica_port,
-        "pooler_port": pooler_port, "replica_pgrst_port": ro_port, "replica_pgrst_admin_port": ro_admin,
-        "auth_rate": "100000r/s", "auth_burst": 100000, **ports, **fields}  # the load exchanges keys
-    st = Stack(StackSettings(**settings))
-    try:
-        st.up()
+    # the load exchanges keys; one wrk caller reads at thousands of requests/s
+    settings: dict[str, Any] = {"scale": scale, "auth_rate": "100000r/s", "auth_burst": 100000,
+                                "fair_use_rate": 1_000_000, "fair_use_burst": 1_000_000, **fields}
+    with throwaway_stack("tp-bench-scaleout-", **settings) as st:
         yield st
-    finally:
-        st.destroy()
 
 
 def _authenticator_connections(st: Stack) -> int:

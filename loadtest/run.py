@@ -14,17 +14,11 @@ import argparse
 import asyncio
 import json
 import sys
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 from loadtest.load import Result, run_load
-from tracepipe.ports import free_stack_ports
 from tracepipe.procs import process_tree, pss_bytes, rss_bytes
-from tracepipe.settings import REPO_ROOT, StackSettings
-from tracepipe.stack import Stack
+from tracepipe.stack import Stack, throwaway_stack
 
 MIB = 1024 * 1024
 
@@ -76,20 +70,6 @@ def report(result: Result) -> str:
     return "\n".join(lines)
 
 
-@contextmanager
-def throwaway_stack() -> Iterator[Stack]:
-    """A stack in a temporary state dir on free ports, removed afterwards (as the tests do)."""
-    state = Path(tempfile.mkdtemp(prefix="tp-load-"))
-    state.chmod(0o755)  # mkdtemp's 0700 would keep the unprivileged PostgreSQL user out
-    values: dict[str, Any] = {"state_dir": state, "tools_dir": REPO_ROOT / ".tools", **free_stack_ports()[0]}
-    stack = Stack(StackSettings(**values))
-    try:
-        stack.up()
-        yield stack
-    finally:
-        stack.destroy()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtest.run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -124,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.url:
         result = load(args.url)
     else:
-        with throwaway_stack() as stack:
+        with throwaway_stack("tp-load-") as stack:
             result = load(stack.s.proxy_url, stack)
     print(report(result))
     if args.json:
@@ -144,14 +124,14 @@ def flood_main(args: argparse.Namespace, seconds: float) -> int:
     if args.url:
         results = run(args.url)
     else:
-        with throwaway_stack() as stack:
+        with throwaway_stack("tp-load-") as stack:
             results = run(stack.s.proxy_url)
     print(report(results[1]), "", flood.report(*results), sep="\n")
     return 1 if flood.failed(*results) else 0
 def run_faults(args: argparse.Namespace, seconds: float) -> int:
     from loadtest import faults
 
-    with throwaway_stack() as stack:
+    with throwaway_stack("tp-load-") as stack:
         result, found = faults.run_with_faults(stack, users=args.users, seconds=seconds, accounts=args.accounts,
                                                think=args.think, probe=lambda: memory(stack))
     print(report(result))

@@ -20,13 +20,9 @@ import argparse
 import asyncio
 import secrets
 import sys
-import tempfile
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -34,28 +30,11 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 
 from tracepipe import credentials
-from tracepipe.ports import free_stack_ports
 from tracepipe.procs import process_tree, rss_bytes
-from tracepipe.settings import REPO_ROOT, StackSettings
-from tracepipe.stack import Stack
+from tracepipe.stack import Stack, throwaway_stack
 
 MIB = 1024 * 1024
 PASSWORD = "token soak password, long enough"
-
-
-@contextmanager
-def soak_stack(**overrides: Any) -> Iterator[Stack]:
-    """A stack in a temporary state dir on free ports, removed afterwards (as the tests do)."""
-    state = Path(tempfile.mkdtemp(prefix="tp-tokens-"))
-    state.chmod(0o755)  # mkdtemp's 0700 would keep the unprivileged PostgreSQL user out
-    values: dict[str, Any] = {"state_dir": state, "tools_dir": REPO_ROOT / ".tools", **free_stack_ports()[0],
-                              **overrides}
-    stack = Stack(StackSettings(**values))
-    try:
-        stack.up()
-        yield stack
-    finally:
-        stack.destroy()
 
 
 def postgrest_rss(stack: Stack) -> float:
@@ -207,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides: dict[str, Any] = {"fair_use_rate": 1_000_000, "fair_use_burst": 1_000_000}
     if args.jwt_cache_s is not None:
         overrides["pgrst_jwt_cache_s"] = args.jwt_cache_s
-    with soak_stack(**overrides) as stack:
+    with throwaway_stack("tp-tokens-", **overrides) as stack:
         if args.cost:
             for value, figures in cost(stack).items():
                 print(f"jwt-cache-max-lifetime {value:>4}: {figures.rps:.0f} req/s, p50 {figures.p50_ms:.1f} ms, "

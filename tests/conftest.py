@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -22,8 +21,7 @@ from psycopg.rows import dict_row
 
 from tracepipe import credentials
 from tracepipe.ports import free_stack_ports
-from tracepipe.settings import REPO_ROOT, StackSettings
-from tracepipe.stack import Stack
+from tracepipe.stack import Stack, throwaway_stack
 
 
 def free_ports(scale: int = 1) -> dict[str, int]:
@@ -32,15 +30,8 @@ def free_ports(scale: int = 1) -> dict[str, int]:
 
 @pytest.fixture(scope="session")
 def stack() -> Iterator[Stack]:
-    state = Path(tempfile.mkdtemp(prefix="tp-test-"))
-    state.chmod(0o755)  # mkdtemp's 0700 would keep the unprivileged PostgreSQL user out
-    settings = StackSettings(state_dir=state, tools_dir=REPO_ROOT / ".tools", **free_ports())
-    st = Stack(settings)
-    try:
-        st.up()
+    with throwaway_stack("tp-test-") as st:
         yield st
-    finally:
-        st.destroy()
 
 
 @pytest.fixture(scope="session")

@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import base64
 import json
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -23,9 +21,8 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from tests.conftest import assert_error_body, free_ports, run_cli
-from tracepipe.settings import REPO_ROOT, StackSettings
-from tracepipe.stack import Stack
+from tests.conftest import assert_error_body, run_cli
+from tracepipe.stack import Stack, throwaway_stack
 
 RATE, BURST = 1, 5
 FLOOD = 20  # sent back to back: far more than BURST + what RATE gives back meanwhile
@@ -34,15 +31,8 @@ PASSWORD = "correct horse battery staple"
 
 @pytest.fixture(scope="module")
 def small() -> Iterator[Stack]:
-    state = Path(tempfile.mkdtemp(prefix="tp-fairuse-"))
-    state.chmod(0o755)  # mkdtemp's 0700 would keep the unprivileged PostgreSQL user out
-    st = Stack(StackSettings(state_dir=state, tools_dir=REPO_ROOT / ".tools", fair_use_rate=RATE,
-                             fair_use_burst=BURST, **free_ports()))
-    try:
-        st.up()
+    with throwaway_stack("tp-fairuse-", fair_use_rate=RATE, fair_use_burst=BURST) as st:
         yield st
-    finally:
-        st.destroy()
 
 
 def signup(base_url: str) -> dict[str, Any]:

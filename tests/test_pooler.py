@@ -20,9 +20,8 @@ import pytest
 import yaml
 
 from tracepipe import credentials, pooler
-from tracepipe.ports import free_stack_ports
 from tracepipe.settings import REPO_ROOT, StackSettings
-from tracepipe.stack import Stack
+from tracepipe.stack import Stack, throwaway_stack
 
 POOL = 4
 IDENTITY_POOL = 2
@@ -32,19 +31,10 @@ DIRECT_APPS = {"tracepipe-ext pipeline listener", "tracepipe-ext tus"}
 
 @pytest.fixture(scope="module")
 def pstack() -> Iterator[Stack]:
-    ports, (replica_port, pooler_port) = free_stack_ports(scale=2, extra=2)
-    state = Path(tempfile.mkdtemp(prefix="tp-test-pooler-"))
-    state.chmod(0o755)
-    settings = StackSettings(state_dir=state, tools_dir=REPO_ROOT / ".tools", scale=2, pooler=True,
-                             pooler_pool_size=POOL, pooler_identity_pool_size=IDENTITY_POOL,
-                             auth_rate="2000r/s", auth_burst=4000,  # the load test exchanges keys
-                             replica_port=replica_port, pooler_port=pooler_port, **ports)
-    st = Stack(settings)
-    try:
-        st.up()
+    with throwaway_stack("tp-test-pooler-", scale=2, pooler=True, pooler_pool_size=POOL,
+                         pooler_identity_pool_size=IDENTITY_POOL,
+                         auth_rate="2000r/s", auth_burst=4000) as st:  # the load test exchanges keys
         yield st
-    finally:
-        st.destroy()
 
 
 @pytest.fixture(scope="module")

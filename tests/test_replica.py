@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import re
 import stat
-import tempfile
 import threading
 import time
 import uuid
@@ -23,27 +22,17 @@ from psycopg import errors
 
 from tests.conftest import run_cli
 from tracepipe import replica
-from tracepipe.ports import free_stack_ports, port_is_free
+from tracepipe.ports import port_is_free
 from tracepipe.settings import REPO_ROOT, StackSettings
-from tracepipe.stack import Stack
+from tracepipe.stack import Stack, throwaway_stack
 
 MAX_LAG_S = 1.0
 
 
 @pytest.fixture(scope="module")
 def rstack() -> Iterator[Stack]:
-    ports, (replica_port, pooler_port, ro_port, ro_admin_port) = free_stack_ports(extra=4)
-    state = Path(tempfile.mkdtemp(prefix="tp-test-replica-"))
-    state.chmod(0o755)
-    settings = StackSettings(state_dir=state, tools_dir=REPO_ROOT / ".tools", replica=True,
-                             replica_port=replica_port, pooler_port=pooler_port, replica_pgrst_port=ro_port,
-                             replica_pgrst_admin_port=ro_admin_port, replica_max_lag_s=MAX_LAG_S, **ports)
-    st = Stack(settings)
-    try:
-        st.up()
+    with throwaway_stack("tp-test-replica-", replica=True, replica_max_lag_s=MAX_LAG_S) as st:
         yield st
-    finally:
-        st.destroy()
 
 
 @pytest.fixture(scope="module")

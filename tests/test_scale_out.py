@@ -7,33 +7,24 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
 from tests.bundles import bundle
-from tests.conftest import free_ports, run_cli
-from tracepipe.settings import REPO_ROOT, StackSettings
-from tracepipe.stack import Stack
+from tests.conftest import run_cli
+from tracepipe.stack import Stack, throwaway_stack
 
 
 @pytest.fixture(scope="module")
 def scaled() -> Iterator[Stack]:
-    state = Path(tempfile.mkdtemp(prefix="tp-scale-"))
-    state.chmod(0o755)
-    st = Stack(StackSettings(state_dir=state, tools_dir=REPO_ROOT / ".tools", scale=2, **free_ports(scale=2)))
-    try:
-        st.up()
+    with throwaway_stack("tp-scale-", scale=2) as st:
         yield st
-    finally:
-        st.destroy()
 
 
 def _flow(base: str, n: int) -> dict[str, Any]:

@@ -9,7 +9,8 @@ import socket
 
 PORT_FIELDS = ("proxy_port", "pg_port", "pgrst_port", "pgrst_admin_port", "ext_port", "s3_port",
                "weed_master_port", "weed_volume_port", "weed_filer_port", "mail_port",
-               "s3_tls_port")  # s3_tls_port: the S3 relay's TLS listener (pgBackRest, tracepipe/backup.py)
+               "s3_tls_port",  # the S3 relay's TLS listener (pgBackRest, tracepipe/backup.py)
+               "replica_port", "pooler_port", "replica_pgrst_port", "replica_pgrst_admin_port")
 GRPC_FIELDS = ("weed_master_port", "weed_volume_port", "weed_filer_port", "s3_port")
 
 

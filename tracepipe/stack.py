@@ -24,8 +24,10 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tracepipe import backup, credentials, pooler, replica
 from tracepipe.settings import (
@@ -965,3 +967,22 @@ def _split_instance(name: str) -> tuple[str, int]:
 
 def _instance_name(component: str, instance: int) -> str:
     return component if instance == 0 else f"{component}-{instance}"
+
+
+@contextlib.contextmanager
+def throwaway_stack(prefix: str = "tp-", **fields: Any) -> Iterator[Stack]:
+    """A whole stack in a temporary state dir on free ports (every component's, scale
+    instances too), started, and destroyed afterwards: what tests, the load test and the
+    benchmarks run against. `fields` are StackSettings values (they win over the ports)."""
+    from tracepipe.ports import free_stack_ports
+
+    state = Path(tempfile.mkdtemp(prefix=prefix))
+    state.chmod(0o755)  # mkdtemp's 0700 would keep the unprivileged PostgreSQL user out
+    ports, _ = free_stack_ports(scale=int(fields.get("scale", 1)))
+    stack = Stack(StackSettings(**{"state_dir": state, "tools_dir": REPO_ROOT / ".tools", **ports, **fields}))
+    try:
+        stack.up()
+        yield stack
+    finally:
+        stack.destroy()
+

@@ -4,13 +4,14 @@ stream paths, `lines=a-` meaning "from a to the end", and logout with an API key
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from tests.bundles import bundle
-from tests.conftest import User, assert_error_body, create_key, create_suite, key_client
+from tests.conftest import User, assert_error_body, create_key, create_suite, key_client, unique
 
 JSONL = {"Content-Type": "application/jsonl"}
 
@@ -81,3 +82,18 @@ def test_logout_with_an_api_key_token_is_refused_and_says_how_to_revoke(base_url
         assert keyed.get("/suites").status_code == 401
     # a storefront session's logout is unchanged
     assert owner.client.post("/auth/logout").status_code == 204
+
+
+def test_a_key_limited_to_too_many_suites_is_refused_naming_the_field(person: User) -> None:
+    """A key's suites ride in every token exchanged for it: past MAX_KEY_SUITES the token would
+    outgrow the proxy's header limit, so creating such a key is 422 naming `suites`, and no key
+    is made."""
+    from ext.routers.api_keys import MAX_KEY_SUITES
+
+    before = person.client.get("/api-keys").json()
+    r = person.client.post("/api-keys", json={"name": unique("key"),
+                                             "suites": [str(uuid.uuid4()) for _ in range(MAX_KEY_SUITES + 1)]})
+    assert r.status_code == 422, r.text
+    body = assert_error_body(r)
+    assert "suites" in json.dumps(body), body
+    assert person.client.get("/api-keys").json() == before

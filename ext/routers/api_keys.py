@@ -15,9 +15,16 @@ from ext.deps import CallerDep, PoolDep, RequestIdDep
 router = APIRouter(tags=["api-keys"])
 
 
+# A key's suites travel in every token it is exchanged for: bounded, so a token stays within
+# the proxy's header limit (16k; ~55 bytes of token per suite) and its verification cache.
+MAX_KEY_SUITES = 100
+
+
 class NewKey(BaseModel):
     name: str = Field(min_length=1, max_length=200)
-    suites: list[UUID] | None = None
+    suites: list[UUID] | None = Field(None, max_length=MAX_KEY_SUITES,
+                                      description=f"limit the key to these suites (at most {MAX_KEY_SUITES}); "
+                                                  "omitted: every suite of its owner")
     access: Literal["read", "write"] = "write"
     expires_at: FutureDatetime | None = None  # a past one is 422 naming it (was the database's 400)
 

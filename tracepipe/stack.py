@@ -847,6 +847,10 @@ class Stack:
         test = subprocess.run([nginx, "-t", "-q", "-p", prefix, "-c", str(main)], capture_output=True, text=True)
         if test.returncode != 0:
             raise StackError(f"nginx configuration is invalid:\n{test.stderr}")
+        # nginx binds its unix sockets without removing a stale one (a killed nginx leaves the
+        # fair-use check's verify.sock behind: "Address already in use")
+        for sock in main.parent.glob("*.sock"):
+            sock.unlink(missing_ok=True)
         self._spawn("nginx", [nginx, "-p", prefix, "-c", str(main), "-g", "daemon off;"])
         _wait("nginx", lambda: _http_ok(f"{self.s.proxy_url}/health"), 30, main.parent / "logs" / "error.log")
 

@@ -55,7 +55,15 @@ class Bucket:
         return keys
 
     def open_uploads(self, prefix: str = "sessions/") -> list[dict[str, Any]]:
-        return list(self.s3.list_multipart_uploads(Bucket=self.name, Prefix=prefix).get("Uploads", []))
+        """Every open multipart upload under prefix, every page (a page holds 1,000)."""
+        out: list[dict[str, Any]] = []
+        kwargs: dict[str, str] = {}
+        while True:
+            page = self.s3.list_multipart_uploads(Bucket=self.name, Prefix=prefix, **kwargs)
+            out += page.get("Uploads", [])
+            if not page.get("IsTruncated"):
+                return out
+            kwargs = {"KeyMarker": page["NextKeyMarker"], "UploadIdMarker": page["NextUploadIdMarker"]}
 
     def read(self, key: str) -> bytes:
         return bytes(self.s3.get_object(Bucket=self.name, Key=key)["Body"].read())

@@ -824,6 +824,11 @@ class PeakRss:
     def peak(self) -> int:
         return max([*self.sampled.values(), *(self.hwm.values() if self.hwm_reset else [])])
 
+    @property
+    def grown(self) -> int:
+        """The most any one process grew in the window: what the transfer itself added."""
+        return max(max(self.sampled[p], self.hwm[p] if self.hwm_reset else 0) - self.start[p] for p in self.pids)
+
     def report(self) -> str:
         return ", ".join(f"pid {p}: {self.start[p] / MiB:.0f} MiB before, peak sampled {self.sampled[p] / MiB:.0f}"
                          f" MiB, VmHWM {self.hwm[p] / MiB:.0f} MiB" for p in self.pids) \

@@ -26,12 +26,14 @@ import pytest
 
 from tests.bundles import bundle, write_large_bundle
 from tests.conftest import User, assert_error_body, create_key, create_suite, key_client, run_cli
-from tests.test_sessions import RSS_BOUND, Bucket, PeakRss, ext_workers, make_bucket, sha256_of
+from tests.test_sessions import Bucket, PeakRss, ext_workers, make_bucket, sha256_of
 from tracepipe import credentials
 from tracepipe.settings import REPO_ROOT
 from tracepipe.stack import Stack
 
 MiB = 1024 * 1024
+TRANSFER_BOUND = 48 * MiB  # one 8 MiB part twice over, the streamed copy and httpx/boto3 buffers
+RSS_CEILING = 200 * MiB
 TUS = {"Tus-Resumable": "1.0.0"}
 JS_DIR = REPO_ROOT / "tests" / "js"
 
@@ -401,7 +403,10 @@ def test_a_client_killed_mid_upload_resumes_from_the_servers_offset(
     assert not bucket.open_uploads(f"sessions/{session_id}/")
     with capsys.disabled():
         print(f"\n[{client}, {size / MiB:.0f} MiB, killed at {offset / MiB:.0f} MiB] ext peak RSS: {rss.report()}")
-    assert rss.peak < RSS_BOUND, rss.report()
+    # What the upload adds to a worker stays within one part and its buffers; the absolute bound
+    # holds on a fresh worker (other tests' work on the shared stack can raise a worker's baseline).
+    assert rss.grown < TRANSFER_BOUND, rss.report()
+    assert rss.peak < RSS_CEILING, rss.report()
 
 
 # --- ext restarted, two ext instances ----------------------------------------------------------------

@@ -37,7 +37,8 @@ pg_major=$(basename "$(dirname "$(dirname "$(ls -d /usr/lib/postgresql/*/bin/ini
 pg_lib=/usr/lib/postgresql/$pg_major/lib
 pg_extras=()
 [ -f "$pg_lib/pgaudit.so" ] || pg_extras+=("postgresql-$pg_major-pgaudit")
-[ -f "$pg_lib/pgxs/src/makefiles/pgxs.mk" ] || pg_extras+=("postgresql-server-dev-$pg_major")
+# The server's headers, not pgxs.mk: Debian's postgresql-client ships pgxs.mk without them.
+[ -f "/usr/include/postgresql/$pg_major/server/postgres.h" ] || pg_extras+=("postgresql-server-dev-$pg_major")
 command -v make >/dev/null 2>&1 || pg_extras+=(make)
 command -v gcc >/dev/null 2>&1 || pg_extras+=(gcc libc6-dev)
 apt_install bootstrap ${pg_extras[@]+"${pg_extras[@]}"}

@@ -30,6 +30,9 @@ class ExtSettings(BaseSettings):
     key_token_ttl_s: int = 3600
     refresh_token_ttl_s: int = 30 * 24 * 3600
     jwt_leeway_s: int = 5
+    jwt_verified_cache_size: int = Field(2_000, ge=0, description="verified tokens remembered until they expire "
+                                                                   "(least recently used go first); 0 = verify "
+                                                                   "every request")
 
     login_max_failures: int = Field(10, description="free failed logins per account and source; then growing delays")
     key_max_failures: int = Field(20, description="free failed exchanges per key prefix and source; then "

@@ -22,7 +22,8 @@ def create_app(settings: ExtSettings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         s = settings or ExtSettings()
         app.state.settings = s
-        app.state.keys = KeySet.load(s.jwt_keys_dir, s.jwt_issuer, s.jwt_audience, s.jwt_leeway_s)
+        app.state.keys = KeySet.load(s.jwt_keys_dir, s.jwt_issuer, s.jwt_audience, s.jwt_leeway_s,
+                                     s.jwt_verified_cache_size)
         app.state.s3 = make_client(s)
         app.state.store = ObjectStore(app.state.s3, s)
         app.state.pool = make_pool(s)

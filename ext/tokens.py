@@ -3,14 +3,23 @@
 Keys live in a directory as <kid>.pem; the newest kid (they sort by creation time) signs,
 every key verifies, and jwks.json beside them (read by PostgREST) lists their public
 halves. Rotation = add a key: tokens of older keys stay valid until they expire.
+
+A verified token's claims are remembered (under the token's sha256, never the token: a
+lookup compares digests) until it expires, for at most `cache_size` tokens (least recently
+used go first): a worker calling every few milliseconds is verified once, not per call. A
+key that leaves the directory empties the memory, so its tokens are refused at once.
+Revocation never depended on this: it is checked in the database on every request.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
+import threading
 import time
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +41,15 @@ class KeySet:
     leeway_s: int
     _private: dict[str, ec.EllipticCurvePrivateKey]
     _loaded_at: float = 0.0
+    cache_size: int = 2_000
+    # sha256(token) -> (claims, exp); guarded by _lock (uvicorn runs handlers on one loop, the
+    # lock is for callers in threads)
+    _verified: OrderedDict[bytes, tuple[dict[str, Any], float]] = field(default_factory=OrderedDict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
-    def load(cls, directory: Path, issuer: str, audience: str, leeway_s: int) -> KeySet:
-        ks = cls(directory, issuer, audience, leeway_s, {})
+    def load(cls, directory: Path, issuer: str, audience: str, leeway_s: int, cache_size: int = 2_000) -> KeySet:
+        ks = cls(directory, issuer, audience, leeway_s, {}, cache_size=cache_size)
         ks.reload()
         return ks
 
@@ -48,6 +62,9 @@ class KeySet:
             keys[pem.stem] = key
         if not keys:
             raise ValueError(f"no signing keys (*.pem) in {self.directory}")
+        if set(keys) != set(self._private):
+            with self._lock:
+                self._verified.clear()
         self._private = keys
         self._loaded_at = time.monotonic()
 
@@ -86,6 +103,23 @@ class KeySet:
         self._maybe_reload()
         if len(token) > 8192:
             raise unauthorized("token too large")
+        digest = hashlib.sha256(token.encode()).digest()
+        with self._lock:
+            hit = self._verified.get(digest)
+            if hit is not None:
+                if time.time() < hit[1] + self.leeway_s:
+                    self._verified.move_to_end(digest)
+                    return dict(hit[0])
+                del self._verified[digest]  # expired: verified again below, which says so
+        claims = self._verify(token)
+        if self.cache_size > 0:
+            with self._lock:
+                self._verified[digest] = (claims, float(claims["exp"]))
+                while len(self._verified) > self.cache_size:
+                    self._verified.popitem(last=False)
+        return dict(claims)
+
+    def _verify(self, token: str) -> dict[str, Any]:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError as e:

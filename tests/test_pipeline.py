@@ -313,6 +313,30 @@ def test_a_loop_left_after_a_job_gives_back_the_job_its_complete_leased(
     assert sorted(j["state"] for j in suite_jobs(tp, sid)) == ["done", "failed"]
 
 
+def test_the_loop_keeps_every_held_lease_while_a_body_runs_past_it(
+        person: User, team_suite: dict[str, Any], tp: Client, base_url: str, pipeline_key: str) -> None:
+    """Two jobs leased together (limit 2) for the shortest lease, the first body running past
+    it: both leases are extended in the background (one thread for the client's jobs), so
+    neither is claimed again or lost, and both complete as attempt 1."""
+    sid = team_suite["id"]
+    for _ in range(2):
+        upload_session(person, sid)
+    done: list[Job] = []
+    with Client(base_url, api_key=pipeline_key) as client:
+        for job in jobs(client, suite_id=sid, wait_s=0, lease_s=10, limit=2, claim_next=False):
+            with job:
+                if not done:
+                    time.sleep(14)  # past the 10 s lease of both jobs
+                    taken = tp._json("POST", "/pipeline/claim", json={"suite_id": sid, "limit": 2})
+                    assert taken == [], "another worker could claim a job whose lease was held"
+            done.append(job)
+            if len(done) == 2:
+                break
+    assert not any(j.lease_lost.is_set() for j in done)
+    jobs_now = suite_jobs(tp, sid)
+    assert [(j["state"], j["attempt"]) for j in jobs_now] == [("done", 1), ("done", 1)]
+
+
 def test_a_killed_worker_s_job_is_taken_over_after_its_lease(
         stack_env: dict[str, str], person: User, team_suite: dict[str, Any], pipeline_key: str,
         tp: Client, tmp_path: Path) -> None:

@@ -9,9 +9,10 @@
                 job.register_example(model, make_jsonl(bundle))
 
 `jobs()` long-polls `POST /pipeline/claim`, so an idle worker costs one open request, not a
-query a second. While the body runs a background thread extends the lease every third of
-its length; if the lease is lost anyway (the worker stalled past it and another worker took
-the job), `job.lease_lost` is set and completing answers 409. `with job:` turns an exception
+query a second. While the body runs a background thread (one per client, for every job it
+holds) extends the lease every third of its length; if the lease is lost anyway (the worker
+stalled past it and another worker took the job), `job.lease_lost` is set and completing
+answers 409. `with job:` turns an exception
 of the body into `POST …/fail` with its text (retried by the server after a backoff, dead
 after the server's max attempts) and lets the loop go on; a body that left the job open
 without `with` has it completed when the loop asks for the next job. A stopped loop
@@ -33,6 +34,7 @@ import logging
 import threading
 import time
 import traceback
+import weakref
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
@@ -40,7 +42,7 @@ from typing import Any
 
 from tracepipe.client import Client, Example, TracepipeError
 
-__all__ = ["Job", "claim", "jobs", "list_jobs", "requeue"]
+__all__ = ["Job", "LeaseKeeper", "claim", "jobs", "list_jobs", "requeue"]
 
 log = logging.getLogger("tracepipe.worker")
 MAX_ERROR_CHARS = 8192  # what the server keeps of an error text
@@ -78,6 +80,81 @@ def list_jobs(client: Client, filters: Mapping[str, str] | None = None) -> list[
     return list(client._json("GET", "/pipeline/jobs", params=filters))
 
 
+class LeaseKeeper:
+    """Extends the leases of the jobs a client holds, each every third of its length, from
+    one thread per client (a thread per job cost a worker a fifth of its CPU on short jobs).
+    The thread stops after `linger_s` without jobs and starts again with the next one.
+    A lease answered 404/409 is lost: the job's `lease_lost` is set and it is dropped."""
+
+    def __init__(self, linger_s: float = 30.0) -> None:
+        self.linger_s = linger_s
+        self._due: dict[Job, float] = {}
+        self._extending: Job | None = None
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._idle_since = time.monotonic()
+
+    def hold(self, job: Job) -> None:
+        with self._cond:
+            self._due[job] = time.monotonic() + max(1.0, job.lease_s / 3)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="tracepipe leases", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def release(self, job: Job) -> None:
+        with self._cond:
+            self._due.pop(job, None)
+            if not self._due:
+                self._idle_since = time.monotonic()
+            while self._extending is job and threading.current_thread() is not self._thread:
+                self._cond.wait()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                now = time.monotonic()
+                if not self._due:
+                    if now - self._idle_since >= self.linger_s:
+                        self._thread = None
+                        return
+                    self._cond.wait(self.linger_s - (now - self._idle_since))
+                    continue
+                job, due = min(self._due.items(), key=lambda item: item[1])
+                if due > now:
+                    self._cond.wait(due - now)
+                    continue
+                self._extending = job
+                self._due[job] = now + max(1.0, job.lease_s / 3)
+            try:
+                job.extend()
+            except TracepipeError as e:
+                if e.status in (404, 409):
+                    log.warning("lost the lease of %s: %s", job, e)
+                    job.lease_lost.set()
+                    self.release(job)
+                else:
+                    log.warning("could not extend the lease of %s (will retry): %s", job, e)
+            except Exception:  # the thread keeps every other lease: never let it die
+                log.exception("extending the lease of %s failed", job)
+            finally:
+                with self._cond:
+                    self._extending = None
+                    self._cond.notify_all()
+
+
+_keepers: weakref.WeakKeyDictionary[Client, LeaseKeeper] = weakref.WeakKeyDictionary()
+_keepers_lock = threading.Lock()
+
+
+def _keeper(client: Client) -> LeaseKeeper:
+    with _keepers_lock:
+        keeper = _keepers.get(client)
+        if keeper is None:
+            keeper = _keepers[client] = LeaseKeeper()
+        return keeper
+
+
 class Job:
     """One leased job. Thread-safe: the heartbeat thread and the body share it."""
 
@@ -100,32 +177,17 @@ class Job:
         self.lease_lost = threading.Event()
         self.finished = False
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._heartbeat = threading.Thread(target=self._beat, name=f"lease {self.id}", daemon=True)
 
     def __repr__(self) -> str:
         return f"Job({self.id}, session {self.session_id}, attempt {self.attempt})"
 
     # -- the lease
-    def _beat(self) -> None:
-        interval = max(1.0, self.lease_s / 3)
-        while not self._stop.wait(interval):
-            try:
-                self.extend()
-            except TracepipeError as e:
-                if e.status in (404, 409):
-                    log.warning("lost the lease of %s: %s", self, e)
-                    self.lease_lost.set()
-                    return
-                log.warning("could not extend the lease of %s (will retry): %s", self, e)
-
     def start_heartbeat(self) -> None:
-        self._heartbeat.start()
+        _keeper(self.client).hold(self)
 
     def _finish(self) -> None:
-        self._stop.set()
-        if self._heartbeat.is_alive() and threading.current_thread() is not self._heartbeat:
-            self._heartbeat.join()
+        """No extend of this job runs once this returns (one may have been under way)."""
+        _keeper(self.client).release(self)
 
     def extend(self, lease_s: int | None = None) -> dict[str, Any]:
         row = _post(self.client, f"/pipeline/jobs/{self.id}/extend",

@@ -20,6 +20,9 @@ class ExtSettings(BaseSettings):
     db_connect_timeout_s: float = 3.0
     db_pool_timeout_s: float = Field(3.0, description="wait for a pooled connection before answering 503")
     db_identity_pool_max: int = Field(5, description="connections of the key-exchange pool (autocommit, role tp_auth)")
+    db_role_settings_ttl_s: float = Field(60.0, ge=0, description="how long a token role's own statement_timeout "
+                                                                  "(ALTER ROLE … SET) is remembered before it is "
+                                                                  "looked up again")
     db_check_idle_s: float = Field(1.0, description="check a pooled connection (one round trip) before use only "
                                                     "when it has been idle this long")
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import psycopg
 import psycopg.sql
-from psycopg.rows import dict_row
+from psycopg.rows import dict_row, tuple_row
 from psycopg_pool import AsyncConnectionPool
 from psycopg_pool.base import AttemptWithBackoff
 
@@ -86,21 +86,40 @@ async def as_caller(pool: AsyncConnectionPool, claims: dict[str, Any],
 
 # The role's own statement_timeout (ALTER ROLE … SET, for this database or all), as
 # PostgREST applies it to the requests it runs as that role: SET ROLE alone would keep
-# authenticator's longer bound for ext's queries as the caller.
-_ROLE_STATEMENT_TIMEOUT = (
-    "(select substr(s, length('statement_timeout=') + 1)"
+# authenticator's longer bound for ext's queries as the caller. Looked up once per role and
+# remembered for ROLE_SETTINGS_TTL_S (ExtSettings.db_role_settings_ttl_s; PostgREST, too,
+# reads role settings into its schema cache): inline in every request's first statement the
+# catalog lookup cost the database ~0.2 ms a request, more than the pre-request hook.
+ROLE_SETTINGS_TTL_S = 60.0
+_ROLE_STATEMENT_TIMEOUT_SQL = (
+    "select substr(s, length('statement_timeout=') + 1)"
     " from pg_catalog.pg_db_role_setting d cross join unnest(d.setconfig) s"
     " where d.setrole = (select oid from pg_catalog.pg_roles where rolname = %s)"
     " and d.setdatabase in (0, (select oid from pg_catalog.pg_database where datname = current_database()))"
-    " and s like 'statement\\_timeout=%%' order by d.setdatabase desc limit 1)"
+    " and s like 'statement\\_timeout=%%' order by d.setdatabase desc limit 1"
 )
+_role_timeouts: dict[str, tuple[str | None, float]] = {}  # token roles only (KeySet.verify): at most three
+
+
+async def role_statement_timeout(conn: psycopg.AsyncConnection[Any], role: str) -> str | None:
+    """The role's own statement_timeout, or None when it has none (the session's applies)."""
+    hit = _role_timeouts.get(role)
+    now = time.monotonic()
+    if hit is not None and now - hit[1] < ROLE_SETTINGS_TTL_S:
+        return hit[0]
+    cur = conn.cursor(row_factory=tuple_row)
+    await cur.execute(_ROLE_STATEMENT_TIMEOUT_SQL, [role])
+    row = await cur.fetchone()
+    value = None if row is None else str(row[0])
+    _role_timeouts[role] = (value, now)
+    return value
+
 
 # Becoming the caller, inside a transaction: the token's role, its claims, the request id
 # and the role's statement_timeout, all transaction-local; then the pre-request hook.
 CALLER_SQL = ("select set_config('role', %s, true), set_config('request.jwt.claims', %s, true),"
               " set_config('application_name', %s, true),"
-              " set_config('statement_timeout', coalesce(" + _ROLE_STATEMENT_TIMEOUT + ","
-              " current_setting('statement_timeout')), true)")
+              " set_config('statement_timeout', coalesce(%s, current_setting('statement_timeout')), true)")
 CHECK_REQUEST_SQL = "select auth.check_request()"
 
 
@@ -108,16 +127,21 @@ async def become_caller(conn: psycopg.AsyncConnection[Any], claims: dict[str, An
                         request_id: str | None = None) -> None:
     """Inside an open transaction: the token's role and claims, set locally, and the
     pre-request hook. For connections held across transactions (tus PATCH, ext/tus.py)."""
+    params = await caller_params(conn, claims, request_id)
     try:
-        await conn.execute(CALLER_SQL, caller_params(claims, request_id))
+        await conn.execute(CALLER_SQL, params)
     except psycopg.errors.InsufficientPrivilege:
         raise unauthorized("the token's role is not one a token may carry") from None
     await conn.execute(CHECK_REQUEST_SQL)
 
 
-def caller_params(claims: dict[str, Any], request_id: str | None = None) -> list[Any]:
-    """The parameters of CALLER_SQL for these claims."""
-    return [claims["role"], json.dumps(claims), f"tracepipe-ext {request_id or ''}".strip(), claims["role"]]
+async def caller_params(conn: psycopg.AsyncConnection[Any], claims: dict[str, Any],
+                        request_id: str | None = None) -> list[Any]:
+    """The parameters of CALLER_SQL for these claims (the role's statement_timeout looked up
+    on `conn` when not remembered)."""
+    role = claims["role"]
+    return [role, json.dumps(claims), f"tracepipe-ext {request_id or ''}".strip(),
+            await role_statement_timeout(conn, role)]
 
 
 @asynccontextmanager

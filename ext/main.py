@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from ext import errors, maintenance, observability, tus
+from ext import db, errors, maintenance, observability, tus
 from ext.config import ExtSettings
 from ext.db import make_identity_pool, make_pool
 from ext.routers import api_keys, auth, docs, examples, health, pipeline, sessions
@@ -22,6 +22,7 @@ def create_app(settings: ExtSettings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         s = settings or ExtSettings()
         app.state.settings = s
+        db.ROLE_SETTINGS_TTL_S = s.db_role_settings_ttl_s
         app.state.keys = KeySet.load(s.jwt_keys_dir, s.jwt_issuer, s.jwt_audience, s.jwt_leeway_s,
                                      s.jwt_verified_cache_size)
         app.state.s3 = make_client(s)

@@ -93,14 +93,16 @@ class LeaseKeeper:
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._idle_since = time.monotonic()
+        self._wakes_at = 0.0  # when the thread will look again on its own
 
     def hold(self, job: Job) -> None:
         with self._cond:
-            self._due[job] = time.monotonic() + max(1.0, job.lease_s / 3)
+            due = self._due[job] = time.monotonic() + max(1.0, job.lease_s / 3)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="tracepipe leases", daemon=True)
                 self._thread.start()
-            self._cond.notify()
+            elif due < self._wakes_at:  # only then: a wake-up per job is a thread switch per job
+                self._cond.notify()
 
     def release(self, job: Job) -> None:
         with self._cond:
@@ -118,10 +120,14 @@ class LeaseKeeper:
                     if now - self._idle_since >= self.linger_s:
                         self._thread = None
                         return
-                    self._cond.wait(self.linger_s - (now - self._idle_since))
+                    # Idle, it looks every second (hold() then needs no wake-up: a job is due
+                    # a second after it is held at the earliest).
+                    self._wakes_at = min(self._idle_since + self.linger_s, now + 1.0)
+                    self._cond.wait(self._wakes_at - now)
                     continue
                 job, due = min(self._due.items(), key=lambda item: item[1])
                 if due > now:
+                    self._wakes_at = due
                     self._cond.wait(due - now)
                     continue
                 self._extending = job

@@ -194,10 +194,10 @@ async def _as_caller_at_once(pool: PoolDep, caller: dict[str, Any], rid: str | N
     its end), so the connection is in autocommit for it. The parameters are bound by psycopg
     on this side (its literal quoting). Each statement's rows."""
     sql = ";\n".join([CALLER_SQL, CHECK_REQUEST_SQL, *(q for q, _ in statements)])
-    params = [*caller_params(caller, rid), *(p for _, ps in statements for p in ps)]
     async with pool.connection() as conn:
         await conn.set_autocommit(True)
         try:
+            params = [*await caller_params(conn, caller, rid), *(p for _, ps in statements for p in ps)]
             cur = psycopg.AsyncClientCursor(conn)
             await cur.execute(sql, params)
         except psycopg.errors.InsufficientPrivilege as e:

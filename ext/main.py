@@ -51,13 +51,15 @@ def create_app(settings: ExtSettings | None = None) -> FastAPI:
                   description="Identity, uploads and streams of Tracepipe. Errors: {code, message, details, hint}.")
     errors.install(app)
     app.add_middleware(observability.RequestLog)
+    # Matched in this order, route by route: the pipeline's calls (a worker's every few
+    # milliseconds) and health probes first, the docs last.
+    app.include_router(pipeline.router)
     app.include_router(health.router)
     app.include_router(auth.router)
     app.include_router(api_keys.router)
     app.include_router(sessions.router)
     app.include_router(examples.router)
     app.include_router(tus.router)
-    app.include_router(pipeline.router)
     app.include_router(docs.router)
     return app
 

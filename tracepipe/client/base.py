@@ -150,7 +150,8 @@ class ClientBase:
         """One authenticated request. A 401 with a token this client obtained itself gets one
         renewal and one more try (the key may have been rotated server side, or the clock
         jumped); `retry` also retries connection errors and 5xx (reads and idempotent calls)."""
-        clean = {k: v for k, v in (params or {}).items() if v is not None}
+        # None, not {}, when there are none: httpx rebuilds the URL for any params given (~35 µs)
+        clean = {k: v for k, v in (params or {}).items() if v is not None} or None
 
         def once() -> httpx.Response:
             return self._http.request(method, path, params=clean, json=json, headers=self._headers(headers))
@@ -222,7 +223,8 @@ class ClientBase:
     @contextmanager
     def _stream(self, method: str, path: str, *, params: Mapping[str, Any] | None = None,
                 headers: Mapping[str, str] | None = None) -> Iterator[httpx.Response]:
-        clean = {k: v for k, v in (params or {}).items() if v is not None}
+        # None, not {}, when there are none: httpx rebuilds the URL for any params given (~35 µs)
+        clean = {k: v for k, v in (params or {}).items() if v is not None} or None
         with self._http.stream(method, path, params=clean, headers=self._headers(headers)) as r:
             if r.status_code == 401 and (self._api_key or self._refresh_token):
                 r.close()
